@@ -1,0 +1,188 @@
+"""The ``postfix-mtasts`` command line: the only module that imports the global reactor.
+
+Exit codes: 0 success, 1 the thing asked about failed, 2 a usage or configuration error, told
+in one line that names the bad key or argument.  No traceback reaches the user for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import react
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatTime,
+    globalLogBeginner,
+)
+
+from postfix_mtasts import __version__
+from postfix_mtasts.config import Config, ConfigError, load_config
+from postfix_mtasts.mtasts.resolver import Answer, iso_utc
+from postfix_mtasts.service import PolicyMap, make_resolver
+from postfix_mtasts.store import Store, StoreError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="postfix-mtasts",
+        description="MTA-STS policy map and SMTP TLS reporting for Postfix.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+
+    serve = commands.add_parser("serve", help="run the socketmap policy map until stopped")
+    config_option(serve)
+
+    query = commands.add_parser("query", help="print the reply the map gives for a domain")
+    config_option(query)
+    query.add_argument("--json", action="store_true", help="print the policy and its state")
+    query.add_argument("domain", help="a domain or a next-hop key such as [mx.example.com]:25")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``postfix-mtasts`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
+    except ConfigError as e:
+        _fail(EXIT_USAGE, str(e))
+    handler = {"serve": _serve, "query": _query}[args.command]
+    try:
+        code = handler(config, args)
+    except StoreError as e:
+        _fail(EXIT_FAILED, str(e))
+    except KeyboardInterrupt:
+        code = EXIT_FAILED
+    sys.exit(code)
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"postfix-mtasts: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _start_logging(level: LogLevel) -> None:
+    """Log to standard error: with timestamps on a terminal, without them under journald."""
+    journald = "JOURNAL_STREAM" in os.environ
+
+    def line(event: dict[str, Any]) -> str | None:
+        text = formatEvent(event)
+        if not text:
+            return None
+        lvl = event.get("log_level", LogLevel.info).name
+        if "log_failure" in event:
+            text += "\n" + event["log_failure"].getTraceback()
+        if journald:
+            return f"{lvl}: {text}\n"
+        return f"{formatTime(event.get('log_time'))} {lvl}: {text}\n"
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    # Twisted's own chatter ("UDP Port 5 Closed", "Starting factory") only from warnings up.
+    predicate.setLogLevelForNamespace("log_legacy", max(level, LogLevel.warn))
+    predicate.setLogLevelForNamespace("twisted", max(level, LogLevel.warn))
+    observer = FilteringLogObserver(FileLogObserver(sys.stderr, line), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    _start_logging(LogLevel.info)
+    policy_map = PolicyMap(config, reactor)
+    failed: list[str] = []
+
+    def start() -> None:
+        try:
+            policy_map.startService()
+        except Exception as e:  # noqa: BLE001 (e.g. a port in use: one line, then stop)
+            failed.append(str(e))
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: policy_map.stopService() if policy_map.running else None
+    )
+    reactor.run()
+    if failed:
+        print(f"postfix-mtasts: cannot start: {failed[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _query(config: Config, args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    _start_logging(LogLevel.warn)
+    store = Store(config.store_path())
+    resolver = make_resolver(config, reactor, store)
+    result: list[int] = []
+
+    async def run(_reactor: Any) -> None:
+        answer = await resolver.query(args.domain)
+        payload = answer.reply[answer.reply.index(b":") + 1 : -1].decode()
+        if args.json:
+            print(json.dumps(_answer_json(answer, payload, store), indent=2))
+        else:
+            print(payload)
+        result.append(EXIT_FAILED if payload.startswith("TEMP") else EXIT_OK)
+
+    try:
+        react(lambda r: ensureDeferred(run(r)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_FAILED
+    finally:
+        store.close()
+    return result[0] if result else EXIT_FAILED
+
+
+def _answer_json(answer: Answer, payload: str, store: Store) -> dict[str, Any]:
+    out: dict[str, Any] = {"reply": payload, "domain": answer.domain, "source": answer.source}
+    entry = answer.entry
+    if entry is not None:
+        p = entry.policy
+        out["policy"] = {
+            "id": entry.txt_id,
+            "mode": p.mode,
+            "mx": list(p.mx),
+            "max_age": p.max_age,
+            "lines": list(p.lines),
+        }
+        out["fetched_at"] = iso_utc(entry.fetched_at)
+        out["expires_at"] = iso_utc(entry.expires_at)
+    else:
+        out["policy"] = None
+    failure = store.last_failure(answer.domain) if answer.domain else None
+    out["last_failure"] = (
+        None
+        if failure is None
+        else {"at": iso_utc(failure.at), "type": failure.failure_type, "detail": failure.detail}
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()

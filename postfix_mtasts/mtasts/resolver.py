@@ -1,0 +1,448 @@
+"""From a socketmap key to a policy: the cache, discovery, fetching and refreshing.
+
+Three layers answer a lookup, cheapest first:
+
+1. memory: an LRU of :class:`Entry`, each holding its ready-made reply bytes per zone; a hit
+   costs a dictionary lookup and never waits on the network;
+2. the store: every policy the map holds, read on a memory miss, so a restart (or an entry
+   pushed out of memory) opens no downgrade window;
+3. the network: the ``_mta-sts`` TXT record, then the policy over HTTPS when the record's id
+   changed or nothing valid is held.  One lookup per domain is in flight however many
+   requests wait on it.
+
+Rules (see ``reference/mta-sts.md`` §5): a policy expires ``max_age`` after its last
+successful fetch; an unchanged id means no fetch; no failure ever evicts a valid policy; a hit
+whose last TXT check is older than :data:`GRACE` starts a background check; a timer re-fetches
+every held policy a day after its fetch, or at half its ``max_age`` if sooner; domains without
+a policy are remembered for :data:`NEGATIVE_TTL`; a failed fetch is not retried for the same id
+within :data:`BACKOFF`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cachetools import LRUCache, TLRUCache
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from postfix_mtasts.mtasts.dns import DNSFailure
+from postfix_mtasts.mtasts.fetch import STS_POLICY_INVALID, FetchError
+from postfix_mtasts.mtasts.policy import (
+    NOTFOUND,
+    InvalidRecord,
+    NoRecord,
+    Policy,
+    PolicyError,
+    ReplyOptions,
+    normalise_key,
+    parse_policy,
+    parse_sts_records,
+    policy_reply,
+    temp_reply,
+)
+from postfix_mtasts.store import Store, StoredPolicy, StoreError
+
+GRACE = 60.0
+"""Seconds after a TXT check during which hits start no new check."""
+NEGATIVE_TTL = 300.0
+"""Seconds a domain without a usable record is answered ``NOTFOUND`` without a new lookup."""
+DNS_FAILURE_TTL = 60.0
+"""The same for a domain whose lookup failed (SERVFAIL, timeout) with nothing held."""
+BACKOFF = 300.0
+"""Seconds before a failed fetch is retried for the same id (RFC 8461 §3.3)."""
+REFRESH_INTERVAL = 86400.0
+"""A held policy is re-fetched this long after its last fetch, or at half its max_age."""
+REFRESH_BATCH = 256
+"""Policies started per refresh tick."""
+
+
+class TXTLookup(Protocol):
+    """What the resolver needs of the DNS client."""
+
+    def txt(self, name: str) -> Awaitable[list[bytes]]: ...
+
+
+class PolicyFetch(Protocol):
+    """What the resolver needs of the HTTPS fetcher."""
+
+    def fetch(self, domain: str) -> Awaitable[bytes]: ...
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """A validated policy held for a domain, with its replies ready per zone."""
+
+    domain: str
+    txt_id: str
+    policy: Policy
+    fetched_at: float
+    expires_at: float
+    checked_at: float
+    replies: dict[ReplyOptions, bytes] = field(default_factory=dict)
+
+    def reply(self, options: ReplyOptions) -> bytes:
+        """The framed socketmap reply for a zone with ``options``, built once."""
+        reply = self.replies.get(options)
+        if reply is None:
+            reply = self.replies[options] = policy_reply(self.domain, self.policy, options)
+        return reply
+
+    @classmethod
+    def from_stored(cls, stored: StoredPolicy) -> Entry:
+        # checked_at 0: the first hit after a load starts a TXT check.
+        return cls(
+            stored.domain,
+            stored.txt_id,
+            stored.policy,
+            stored.fetched_at,
+            stored.expires_at,
+            0.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What ``postfix-mtasts query`` reports: the reply and where its policy came from."""
+
+    domain: str | None
+    reply: bytes
+    source: str  # "cache", "store", "fetched" or "none"
+    entry: Entry | None
+
+
+class PolicyResolver:
+    """Answers socketmap lookups with MTA-STS policies; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        dns: TXTLookup,
+        fetcher: PolicyFetch,
+        store: Store,
+        *,
+        zones: Mapping[str, ReplyOptions] | None = None,
+        max_entries: int = 200_000,
+        max_negative: int = 100_000,
+        max_fetches: int = 64,
+        refresh_concurrency: int = 8,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._dns = dns
+        self._fetcher = fetcher
+        self._store = store
+        zones = dict(zones or {})
+        self._default = zones.get("postfix", ReplyOptions())
+        self._zones = {name.encode(): options for name, options in zones.items()}
+        self._memory: LRUCache[str, Entry] = LRUCache(maxsize=max_entries)
+        # Values are the time each item stops counting.
+        self._negative: TLRUCache[str, float] = TLRUCache(
+            maxsize=max_negative, ttu=_until, timer=clock.seconds
+        )
+        self._backoff: TLRUCache[str, tuple[str, float]] = TLRUCache(
+            maxsize=max_negative, ttu=_until_pair, timer=clock.seconds
+        )
+        self._inflight: dict[str, list[Deferred[Entry | None]]] = {}
+        self._fetch_slots = DeferredSemaphore(max_fetches)
+        self._refresh_slots = DeferredSemaphore(refresh_concurrency)
+        self._refresh_failures: dict[str, int] = {}
+        self._rng = rng or random.Random()
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "negative_hits", "txt_lookups", "fetches", "fetch_failures"), 0
+        )
+
+    # -- the socketmap entry point -----------------------------------------------------------
+
+    def lookup(self, name: bytes, key: bytes) -> bytes | Deferred[bytes]:
+        """Answer one socketmap request: reply bytes now, or a Deferred that fires with them."""
+        options = self._zones.get(name, self._default)
+        domain = normalise_key(key)
+        if domain is None:
+            return NOTFOUND
+        now = self._clock.seconds()
+        entry = self._memory.get(domain)
+        if entry is not None and now < entry.expires_at:
+            self.stats["hits"] += 1
+            if now - entry.checked_at > GRACE:
+                self._check_in_background(entry, now)
+            return entry.reply(options)
+        if domain in self._negative:
+            self.stats["negative_hits"] += 1
+            return NOTFOUND
+        try:
+            entry = self._from_store(domain, now)
+        except StoreError as e:
+            self.log.error("{domain}: {error}; answering TEMP", domain=domain, error=str(e))
+            return temp_reply("policy store unavailable")
+        if entry is not None:
+            self.stats["hits"] += 1
+            self._check_in_background(entry, now)
+            return entry.reply(options)
+        self.stats["misses"] += 1
+        return self.resolve(domain).addCallback(_reply_for, options)
+
+    def load(self) -> int:
+        """Fill memory from the store, most recently fetched first; returns the count."""
+        count = 0
+        for stored in self._store.load_policies(self._clock.seconds(), int(self._memory.maxsize)):
+            self._memory[stored.domain] = Entry.from_stored(stored)
+            count += 1
+        return count
+
+    async def query(self, key: str, zone: str = "postfix") -> Answer:
+        """Resolve ``key`` as a lookup of the map would, and wait for its TXT check."""
+        options = self._zones.get(zone.encode(), self._default)
+        domain = normalise_key(key.encode("utf-8", "surrogateescape"))
+        if domain is None:
+            return Answer(None, NOTFOUND, "none", None)
+        now = self._clock.seconds()
+        entry = self._memory.get(domain)
+        source = "cache"
+        if entry is None or now >= entry.expires_at:
+            entry, source = self._from_store(domain, now), "store"
+        if entry is not None:
+            # Answered at once, as the map does; the check then updates the store.
+            reply = entry.reply(options)
+            await self.resolve(domain)
+            return Answer(domain, reply, source, entry)
+        entry = await self.resolve(domain)
+        if entry is None:
+            return Answer(domain, NOTFOUND, "none", None)
+        return Answer(domain, entry.reply(options), "fetched", entry)
+
+    # -- resolving -----------------------------------------------------------------------
+
+    def resolve(self, domain: str, *, refresh: bool = False) -> Deferred[Entry | None]:
+        """Check ``domain``'s record and fetch its policy if needed; one at a time per domain.
+
+        Fires with the entry to apply (possibly the one already held) or None.  ``refresh``
+        re-fetches the policy whatever the record says (RFC 8461 §10.2).
+        """
+        waiter: Deferred[Entry | None] = Deferred()
+        waiters = self._inflight.get(domain)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[domain] = waiters = [waiter]
+
+        def done(result: Entry | Failure | None) -> None:
+            del self._inflight[domain]
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        Deferred.fromCoroutine(self._update(domain, refresh)).addBoth(done)
+        return waiter
+
+    def _from_store(self, domain: str, now: float) -> Entry | None:
+        stored = self._store.get_policy(domain)
+        if stored is None or now >= stored.expires_at:
+            return None
+        entry = self._memory[domain] = Entry.from_stored(stored)
+        return entry
+
+    def _check_in_background(self, entry: Entry, now: float) -> None:
+        entry.checked_at = now
+        self.resolve(entry.domain).addErrback(self._unexpected, entry.domain)
+
+    def _unexpected(self, failure: Failure, domain: str) -> None:
+        self.log.failure("unexpected error while resolving {domain}", failure, domain=domain)
+
+    async def _update(self, domain: str, refresh: bool) -> Entry | None:
+        now = self._clock.seconds()
+        held = self._memory.get(domain)
+        if held is None:
+            try:
+                stored = self._store.get_policy(domain)
+            except StoreError as e:
+                self.log.error("{domain}: {error}", domain=domain, error=str(e))
+                stored = None
+            held = Entry.from_stored(stored) if stored is not None else None
+        valid = held if held is not None and now < held.expires_at else None
+
+        txt_id: str | None = None
+        problem = ""
+        self.stats["txt_lookups"] += 1
+        try:
+            txt_id = parse_sts_records(await self._dns.txt("_mta-sts." + domain))
+        except DNSFailure as e:
+            problem = f"DNS lookup of _mta-sts.{domain} failed: {e}"
+        except NoRecord:
+            problem = "no _mta-sts record"
+        except InvalidRecord as e:
+            problem = f"invalid _mta-sts record: {e}"
+        now = self._clock.seconds()
+
+        if txt_id is None:
+            if valid is None:
+                if problem != "no _mta-sts record":  # the common case says nothing
+                    self.log.info("{domain}: {problem}", domain=domain, problem=problem)
+                ttl = DNS_FAILURE_TTL if problem.startswith("DNS") else NEGATIVE_TTL
+                self._negative[domain] = now + ttl
+                return None
+            valid.checked_at = now
+            if valid.policy.mode != "none":
+                self.log.warn(
+                    "{domain}: {problem}; keeping the policy with id {id} until {expires}",
+                    domain=domain,
+                    problem=problem,
+                    id=valid.txt_id,
+                    expires=iso_utc(valid.expires_at),
+                )
+            if not refresh:
+                return valid
+            txt_id = valid.txt_id
+        elif valid is not None and valid.txt_id == txt_id and not refresh:
+            valid.checked_at = now
+            return valid
+
+        backoff = self._backoff.get(domain)
+        if backoff is not None and backoff[0] == txt_id:
+            if valid is not None:
+                valid.checked_at = now
+            return valid
+        return await self._fetch_slots.run(self._fetch, domain, txt_id, valid)
+
+    async def _fetch(self, domain: str, txt_id: str, valid: Entry | None) -> Entry | None:
+        self.stats["fetches"] += 1
+        try:
+            body = await self._fetcher.fetch(domain)
+            policy = parse_policy(body)
+        except FetchError as e:
+            return self._fetch_failed(domain, txt_id, valid, e.failure_type, e.detail)
+        except PolicyError as e:
+            return self._fetch_failed(domain, txt_id, valid, STS_POLICY_INVALID, str(e))
+        now = self._clock.seconds()
+        refresh_in = min(REFRESH_INTERVAL, policy.max_age / 2) * self._rng.uniform(0.9, 1.0)
+        stored = StoredPolicy(
+            domain, txt_id, policy, now, now + policy.max_age, now + max(refresh_in, GRACE)
+        )
+        entry = Entry(domain, txt_id, policy, now, now + policy.max_age, now)
+        if policy.max_age < BACKOFF:
+            # Short-lived policies are fetched at most once per back-off period.
+            self._backoff[domain] = (txt_id, now + BACKOFF)
+        else:
+            self._backoff.pop(domain, None)
+        self._negative.pop(domain, None)
+        self._memory[domain] = entry
+        try:
+            self._store.save_policy(stored)
+        except StoreError as e:
+            self.log.error("{domain}: {error}", domain=domain, error=str(e))
+        if valid is None:
+            what = "fetched"
+        elif valid.policy == policy and valid.txt_id == txt_id:
+            what = "refreshed"
+        else:
+            what = "changed"
+        self.log.info(
+            "{domain}: policy {what}: id {id}, mode {mode}, max_age {max_age}, mx {mx}",
+            domain=domain,
+            what=what,
+            id=txt_id,
+            mode=policy.mode,
+            max_age=policy.max_age,
+            mx=",".join(policy.mx),
+        )
+        return entry
+
+    def _fetch_failed(
+        self, domain: str, txt_id: str, valid: Entry | None, failure_type: str, detail: str
+    ) -> Entry | None:
+        now = self._clock.seconds()
+        self.stats["fetch_failures"] += 1
+        self._backoff[domain] = (txt_id, now + BACKOFF)
+        try:
+            self._store.record_failure(domain, now, failure_type, detail, txt_id)
+        except StoreError as e:
+            self.log.error("{domain}: {error}", domain=domain, error=str(e))
+        if valid is not None:
+            valid.checked_at = now
+            until = iso_utc(valid.expires_at)
+            keeping = f"; keeping the policy with id {valid.txt_id} until {until}"
+        else:
+            keeping = ""
+        self.log.warn(
+            "{domain}: policy fetch failed ({type}): {detail}{keeping}",
+            domain=domain,
+            type=failure_type,
+            detail=detail,
+            keeping=keeping,
+        )
+        return valid
+
+    # -- proactive refresh ---------------------------------------------------------------
+
+    def refresh_due(self) -> Deferred[None]:
+        """Start the refresh of the held policies that are due; fires when those are done.
+
+        Called by a timer (see :mod:`postfix_mtasts.service`).  A failed refresh moves the
+        next attempt :data:`BACKOFF` later and warns, louder when failures repeat.
+        """
+        now = self._clock.seconds()
+        try:
+            domains = self._store.due_for_refresh(now, REFRESH_BATCH)
+        except StoreError as e:
+            self.log.error("refresh: {error}", error=str(e))
+            return Deferred.fromCoroutine(_nothing())
+        work = [
+            self._refresh_slots.run(self._refresh_one, domain, now)
+            for domain in domains
+            if domain not in self._inflight
+        ]
+        return gatherResults(work, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: self.log.failure("refresh", f)
+        )
+
+    async def _refresh_one(self, domain: str, started: float) -> None:
+        entry = await self.resolve(domain, refresh=True)
+        if entry is not None and entry.fetched_at >= started:
+            self._refresh_failures.pop(domain, None)
+            return
+        now = self._clock.seconds()
+        try:
+            self._store.set_refresh_at(domain, now + BACKOFF)
+        except StoreError as e:
+            self.log.error("{domain}: {error}", domain=domain, error=str(e))
+        failures = self._refresh_failures[domain] = self._refresh_failures.get(domain, 0) + 1
+        if entry is not None and entry.policy.mode == "none":
+            return
+        emit = self.log.error if failures >= 3 else self.log.warn
+        emit(
+            "{domain}: policy refresh failed {count} time(s) in a row{expiry}",
+            domain=domain,
+            count=failures,
+            expiry=f"; the policy expires at {iso_utc(entry.expires_at)}" if entry else "",
+        )
+
+
+def _reply_for(entry: Entry | None, options: ReplyOptions) -> bytes:
+    return NOTFOUND if entry is None else entry.reply(options)
+
+
+def _until(_key: str, until: float, _now: float) -> float:
+    return until
+
+
+def _until_pair(_key: str, value: tuple[str, float], _now: float) -> float:
+    return value[1]
+
+
+def iso_utc(timestamp: float) -> str:
+    """``timestamp`` as an RFC 3339 UTC date-time, to the second."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _nothing() -> None:
+    return None

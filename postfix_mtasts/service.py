@@ -1,0 +1,95 @@
+"""Wiring: each job as a Twisted service built from a :class:`~postfix_mtasts.config.Config`.
+
+``make_policy_map(config, reactor)`` returns the policy map: the socketmap listeners, the
+resolver behind them and the refresh timer, over one store.  Nothing here imports the global
+reactor; :mod:`postfix_mtasts.cli` passes it in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from postfix_mtasts.config import Config
+from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
+from postfix_mtasts.mtasts.fetch import PolicyFetcher
+from postfix_mtasts.mtasts.resolver import PolicyResolver
+from postfix_mtasts.socketmap import SocketmapFactory
+from postfix_mtasts.store import Store
+
+REFRESH_TICK = 30.0
+"""Seconds between two looks for policies due for a refresh."""
+
+log = Logger()
+
+
+def make_resolver(config: Config, reactor: Any, store: Store) -> PolicyResolver:
+    """The resolver with its DNS client and fetcher, as ``serve`` and ``query`` both use it."""
+    dns = DNSClient(reactor, parse_nameservers(config.dns.nameservers), timeout=config.dns.timeout)
+    fetcher = PolicyFetcher(
+        reactor, dns.addresses, ca_file=config.https.ca_file, timeout=config.https.timeout
+    )
+    return PolicyResolver(reactor, dns, fetcher, store, zones=config.zones)
+
+
+class PolicyMap(MultiService):
+    """The policy map: listeners, resolver, refresh timer and the store they share."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.store = Store(config.store_path())
+        self.resolver = make_resolver(config, reactor, self.store)
+        self.factory = SocketmapFactory(self.resolver.lookup, reactor)
+        for description in config.server.listen:
+            listener = StreamServerEndpointService(
+                serverFromString(reactor, description), self.factory
+            )
+            listener._raiseSynchronously = True  # a port in use fails the start, loudly
+            listener.setServiceParent(self)
+        timer = TimerService(REFRESH_TICK, self.resolver.refresh_due)
+        timer.clock = reactor
+        timer.setServiceParent(self)
+
+    def startService(self) -> None:
+        loaded = self.resolver.load()
+        log.info(
+            "postfix-mtasts map: {count} policies loaded from {path}",
+            count=loaded,
+            path=str(self.store.path),
+        )
+        super().startService()
+        sd_notify(b"READY=1")
+
+    def stopService(self) -> Deferred[None]:
+        sd_notify(b"STOPPING=1")
+
+        async def stop() -> None:
+            # Stop accepting, then let in-flight replies finish, then close the store.
+            await super(PolicyMap, self).stopService()
+            await self.factory.drain()
+            self.store.close()
+            log.info("postfix-mtasts map stopped")
+
+        return ensureDeferred(stop())
+
+
+def sd_notify(state: bytes) -> None:
+    """Tell systemd about our state when it asked (``Type=notify``); otherwise do nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state, address)
+    except OSError as e:
+        log.warn("cannot notify systemd: {error}", error=str(e))

@@ -1,0 +1,321 @@
+"""The SQLite store both jobs share, and every query they make of it.
+
+One file in WAL mode.  The policy map writes the policy it holds for each domain (so that a
+restart, even after ``kill -9``, opens no downgrade window) and an event for every policy it
+fetched and every fetch failure it met; the reporter reads those events to say which policy
+applied to a session and to report the ``sts-policy-*`` failures that Postfix never logs.
+
+The store is synchronous: each call is a few indexed statements on a local file, run on the
+reactor thread.  Writes happen per fetch, never per cache hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from postfix_mtasts.mtasts.policy import Policy
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- The policy currently held for each domain: what the map serves while it is unexpired.
+CREATE TABLE IF NOT EXISTS policies (
+    domain     TEXT PRIMARY KEY,
+    txt_id     TEXT NOT NULL,
+    mode       TEXT NOT NULL,
+    max_age    INTEGER NOT NULL,
+    mx         TEXT NOT NULL,      -- validated patterns, one per line
+    lines      TEXT NOT NULL,      -- the policy's received lines, one per line
+    fetched_at REAL NOT NULL,      -- Unix time of the last successful fetch
+    expires_at REAL NOT NULL,      -- fetched_at + max_age
+    refresh_at REAL NOT NULL       -- when the refresh timer re-fetches it
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS policies_refresh ON policies (refresh_at);
+-- History for the reporter: every policy fetched and every failure met, per domain and time.
+CREATE TABLE IF NOT EXISTS policy_events (
+    id           INTEGER PRIMARY KEY,
+    domain       TEXT NOT NULL,
+    at           REAL NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('policy', 'failure')),
+    txt_id       TEXT,
+    mode         TEXT,
+    max_age      INTEGER,
+    mx           TEXT,
+    lines        TEXT,
+    expires_at   REAL,
+    failure_type TEXT,
+    detail       TEXT
+);
+CREATE INDEX IF NOT EXISTS policy_events_domain_at ON policy_events (domain, at);
+"""
+
+
+_EVENTS = (
+    "SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type,"
+    " detail FROM policy_events "
+)
+
+
+class StoreError(Exception):
+    """The store cannot be opened, read or written; ``str()`` says why, in one line."""
+
+
+@dataclass(slots=True)
+class StoredPolicy:
+    """One row of ``policies``: a validated policy and its lifetime."""
+
+    domain: str
+    txt_id: str
+    policy: Policy
+    fetched_at: float
+    expires_at: float
+    refresh_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEvent:
+    """One row of ``policy_events``: a policy fetched (``kind == "policy"``) or a failure."""
+
+    domain: str
+    at: float
+    kind: str
+    txt_id: str | None
+    policy: Policy | None
+    expires_at: float | None
+    failure_type: str | None
+    detail: str | None
+
+
+def _join(items: tuple[str, ...]) -> str:
+    return "\n".join(items)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(text.split("\n")) if text else ()
+
+
+def _policy(mode: str, max_age: int, mx: str, lines: str) -> Policy:
+    return Policy(mode=mode, mx=_split(mx), max_age=max_age, lines=_split(lines))
+
+
+class Store:
+    """The SQLite file at ``path``, created with its parent directory when missing."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # Committed transactions survive a killed process in WAL mode; NORMAL only risks
+            # the last commits on a power failure, and saves an fsync per fetch.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot open the store {self.path}: {e}") from e
+
+    def close(self) -> None:
+        """Checkpoint the write-ahead log and close the file."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+    # -- the policy map's side ---------------------------------------------------------------
+
+    def get_policy(self, domain: str) -> StoredPolicy | None:
+        """The policy held for ``domain``, expired or not, or None."""
+        try:
+            row = self._db.execute(
+                "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at,"
+                " refresh_at FROM policies WHERE domain = ?",
+                (domain,),
+            ).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        return None if row is None else self._row(row)
+
+    def load_policies(self, now: float, limit: int | None = None) -> Iterator[StoredPolicy]:
+        """Every policy unexpired at ``now``, most recently fetched first."""
+        sql = (
+            "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at, refresh_at"
+            " FROM policies WHERE expires_at > ? ORDER BY fetched_at DESC"
+        )
+        params: tuple[float, ...] | tuple[float, int] = (now,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (now, limit)
+        try:
+            rows = self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        return (self._row(row) for row in rows)
+
+    def due_for_refresh(self, now: float, limit: int) -> list[str]:
+        """Domains whose policy is still unexpired and due for a proactive refresh."""
+        try:
+            rows = self._db.execute(
+                "SELECT domain FROM policies WHERE refresh_at <= ? AND expires_at > ?"
+                " ORDER BY refresh_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        return [domain for (domain,) in rows]
+
+    def save_policy(self, stored: StoredPolicy) -> None:
+        """Hold ``stored`` for its domain and add a ``policy`` event, in one transaction."""
+        p = stored.policy
+        mx, lines = _join(p.mx), _join(p.lines)
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO policies (domain, txt_id, mode, max_age, mx, lines,"
+                    " fetched_at, expires_at, refresh_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.domain,
+                        stored.txt_id,
+                        p.mode,
+                        p.max_age,
+                        mx,
+                        lines,
+                        stored.fetched_at,
+                        stored.expires_at,
+                        stored.refresh_at,
+                    ),
+                )
+                self._db.execute(
+                    "INSERT INTO policy_events (domain, at, kind, txt_id, mode, max_age, mx,"
+                    " lines, expires_at) VALUES (?, ?, 'policy', ?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.domain,
+                        stored.fetched_at,
+                        stored.txt_id,
+                        p.mode,
+                        p.max_age,
+                        mx,
+                        lines,
+                        stored.expires_at,
+                    ),
+                )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    def set_refresh_at(self, domain: str, refresh_at: float) -> None:
+        """Move the next proactive refresh of ``domain`` (after a failed refresh)."""
+        try:
+            self._db.execute(
+                "UPDATE policies SET refresh_at = ? WHERE domain = ?", (refresh_at, domain)
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    def record_failure(
+        self, domain: str, at: float, failure_type: str, detail: str, txt_id: str | None
+    ) -> None:
+        """Add a ``failure`` event: an RFC 8460 ``sts-policy-*`` type and a short detail."""
+        try:
+            self._db.execute(
+                "INSERT INTO policy_events (domain, at, kind, txt_id, failure_type, detail)"
+                " VALUES (?, ?, 'failure', ?, ?, ?)",
+                (domain, at, txt_id, failure_type, detail),
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    def last_failure(self, domain: str) -> PolicyEvent | None:
+        """The latest failure event of ``domain``, if any."""
+        events = self._events(
+            "WHERE domain = ? AND kind = 'failure' ORDER BY at DESC, id DESC LIMIT 1", (domain,)
+        )
+        return events[0] if events else None
+
+    # -- the reporter's side -----------------------------------------------------------------
+
+    def events(self, domain: str, start: float, end: float) -> list[PolicyEvent]:
+        """The events of ``domain`` from the last one before ``start`` up to ``end``, in order.
+
+        The first event tells what applied at ``start``; the others, what changed and when.
+        """
+        before = self._events(
+            "WHERE domain = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1", (domain, start)
+        )
+        during = self._events(
+            "WHERE domain = ? AND at >= ? AND at < ? ORDER BY at, id", (domain, start, end)
+        )
+        return before + during
+
+    def prune_events(self, before: float) -> int:
+        """Forget events older than ``before``, keeping each domain's latest; returns the count."""
+        try:
+            with self._transaction():
+                cur = self._db.execute(
+                    "DELETE FROM policy_events WHERE at < ? AND id NOT IN"
+                    " (SELECT max(id) FROM policy_events GROUP BY domain)",
+                    (before,),
+                )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+        return cur.rowcount
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _events(self, where: str, params: tuple[object, ...]) -> list[PolicyEvent]:
+        # ``where`` is always one of this module's constant clauses.
+        sql = _EVENTS + where
+        try:
+            rows = self._db.execute(
+                sql,
+                params,
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        events = []
+        for domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, ftype, detail in rows:
+            policy = _policy(mode, max_age, mx, lines) if kind == "policy" else None
+            events.append(PolicyEvent(domain, at, kind, txt_id, policy, expires_at, ftype, detail))
+        return events
+
+    @staticmethod
+    def _row(row: tuple[object, ...]) -> StoredPolicy:
+        domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at, refresh_at = row
+        return StoredPolicy(
+            domain=str(domain),
+            txt_id=str(txt_id),
+            policy=_policy(str(mode), int(max_age), str(mx), str(lines)),  # type: ignore[call-overload]
+            fetched_at=float(fetched_at),  # type: ignore[arg-type]
+            expires_at=float(expires_at),  # type: ignore[arg-type]
+            refresh_at=float(refresh_at),  # type: ignore[arg-type]
+        )
+
+
+class _Transaction:
+    """``with`` block around BEGIN IMMEDIATE ... COMMIT, rolled back on an exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
