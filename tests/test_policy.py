@@ -909,7 +909,7 @@ def test_policy_reply_temp_when_plain_reply_too_large() -> None:
         with capturedLogs() as events:
             reply = policy_reply("example.com", policy, options)
         assert reply == netstring(b"TEMP reply too large")
-        assert events[-1]["log_level"] == LogLevel.critical
+        assert events[-1]["log_level"] == LogLevel.error
 
 
 def test_policy_reply_from_parsed_temp_on_bad_patterns() -> None:

@@ -425,7 +425,7 @@ def policy_reply(domain: str, policy: Policy, options: ReplyOptions) -> bytes:
                     dropped=dropped,
                 )
             return netstring(payload)
-    _log.critical(
+    _log.error(
         "reply for {domain} over {limit} bytes even without STS attributes: TEMP",
         domain=domain,
         limit=MAX_REPLY,
