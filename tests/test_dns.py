@@ -22,7 +22,6 @@ from postfix_mtasts.mtasts.dns import DNSClient, DNSFailure, parse_nameservers
 if TYPE_CHECKING:
     from tests.dnsserver import DNSTestServer, ServerFactory
 
-pytest_plugins = ["tests.dnsserver"]
 
 STS = "_mta-sts.example.test"
 
