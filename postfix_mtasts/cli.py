@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -28,7 +29,7 @@ from twisted.logger import (
 from postfix_mtasts import __version__
 from postfix_mtasts.config import Config, ConfigError, load_config
 from postfix_mtasts.mtasts.resolver import Answer, iso_utc
-from postfix_mtasts.service import PolicyMap, make_resolver
+from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     handler = {"serve": _serve, "query": _query}[args.command]
     try:
         code = handler(config, args)
-    except StoreError as e:
+    except (StoreError, StartError) as e:
         _fail(EXIT_FAILED, str(e))
     except KeyboardInterrupt:
         code = EXIT_FAILED
@@ -114,22 +115,33 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     policy_map = PolicyMap(config, reactor)
     failed: list[str] = []
 
-    def start() -> None:
+    async def start() -> None:
         try:
-            policy_map.startService()
-        except Exception as e:  # noqa: BLE001 (e.g. a port in use: one line, then stop)
+            await policy_map.listen()
+        except StartError as e:
             failed.append(str(e))
+            policy_map.store.close()
             reactor.stop()
 
-    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(lambda: ensureDeferred(start()))
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: policy_map.stopService() if policy_map.running else None
     )
+    _raise_file_limit(policy_map.factory.max_connections)
     reactor.run()
     if failed:
         print(f"postfix-mtasts: cannot start: {failed[0]}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _raise_file_limit(connections: int) -> None:
+    """Room for every allowed connection plus outbound DNS and HTTPS sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def _query(config: Config, args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -48,24 +48,33 @@ class PolicyMap(MultiService):
         self.store = Store(config.store_path())
         self.resolver = make_resolver(config, reactor, self.store)
         self.factory = SocketmapFactory(self.resolver.lookup, reactor)
-        for description in config.server.listen:
-            listener = StreamServerEndpointService(
-                serverFromString(reactor, description), self.factory
-            )
-            listener._raiseSynchronously = True  # a port in use fails the start, loudly
-            listener.setServiceParent(self)
+        self.endpoints = [(d, _endpoint(reactor, d)) for d in config.server.listen]
+        self.ports: list[Any] = []
         timer = TimerService(REFRESH_TICK, self.resolver.refresh_due)
         timer.clock = reactor
         timer.setServiceParent(self)
 
-    def startService(self) -> None:
+    async def listen(self) -> None:
+        """Listen on every endpoint, load the held policies, then start serving.
+
+        Raises :class:`StartError` (after closing what was opened) if an endpoint fails.
+        """
+        for description, endpoint in self.endpoints:
+            try:
+                self.ports.append(await endpoint.listen(self.factory))
+            except Exception as e:  # noqa: BLE001 (CannotListenError, OSError, ...)
+                for port in self.ports:
+                    await port.stopListening()
+                self.ports = []
+                raise StartError(f"listen {description!r}: {e}") from None
         loaded = self.resolver.load()
         log.info(
-            "postfix-mtasts map: {count} policies loaded from {path}",
+            "postfix-mtasts map: {count} policies loaded from {path}, listening on {listen}",
             count=loaded,
             path=str(self.store.path),
+            listen=", ".join(self.config.server.listen),
         )
-        super().startService()
+        self.startService()
         sd_notify(b"READY=1")
 
     def stopService(self) -> Deferred[None]:
@@ -73,12 +82,29 @@ class PolicyMap(MultiService):
 
         async def stop() -> None:
             # Stop accepting, then let in-flight replies finish, then close the store.
+            for port in self.ports:
+                await port.stopListening()
             await super(PolicyMap, self).stopService()
             await self.factory.drain()
             self.store.close()
             log.info("postfix-mtasts map stopped")
 
         return ensureDeferred(stop())
+
+
+class StartError(Exception):
+    """The service cannot start; ``str()`` says why in one line."""
+
+
+def _endpoint(reactor: Any, description: str) -> Any:
+    try:
+        return serverFromString(reactor, description)
+    except IndexError:  # systemd:index=N beyond the inherited sockets
+        raise StartError(
+            f"listen {description!r}: no such inherited socket (is the service socket-activated?)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StartError(f"listen {description!r}: {e}") from None
 
 
 def sd_notify(state: bytes) -> None:

@@ -32,9 +32,11 @@ Misbehaviour, per name (lower-case, no trailing dot) or per ``(name, "TYPE")``:
 and no records; TCP answers fully). ``server.queries`` lists ``(name, type, "udp"|"tcp")``;
 ``await server.received(n)`` waits until it holds ``n`` entries.
 
-From a shell (benchmarks): ``python -m tests.dnsserver --zone-file zone.json [--port N]``
-prints the port on its first line and serves until SIGTERM; the JSON maps names to lists of
-``[type, value]``.
+From a shell (benchmarks): ``python -m tests.dnsserver --zone-file zone.json [--port N]
+[--stats-file PATH]`` prints the port on its first line and serves until SIGTERM; the JSON maps
+names to lists of ``[type, value]``. With ``--stats-file``, each SIGUSR1 rewrites PATH
+(atomically) with ``{"seq": n, "total": queries, "by_type": {"TXT": n, ...}, "by_name":
+{"name TYPE": n, ...}}``; ``seq`` counts the dumps, so a reader knows when its signal was served.
 """
 
 # mypy: disable-error-code="no-untyped-call"
@@ -44,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -342,18 +346,42 @@ async def dns_server_factory(reactor: Any) -> AsyncIterator[ServerFactory]:
         await each.stop()
 
 
+def _write_stats(path: str, seq: int, queries: Sequence[tuple[str, str, str]]) -> None:
+    """Write the query counts of ``queries`` to ``path`` as JSON, atomically."""
+    by_type: dict[str, int] = {}
+    by_name: dict[str, int] = {}
+    for name, kind, _protocol in queries:
+        by_type[kind] = by_type.get(kind, 0) + 1
+        key = f"{name} {kind}"
+        by_name[key] = by_name.get(key, 0) + 1
+    stats = {"seq": seq, "total": len(queries), "by_type": by_type, "by_name": by_name}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+    os.replace(tmp, path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve a JSON zone file until stopped; print the port first."""
     parser = argparse.ArgumentParser(prog="python -m tests.dnsserver")
     parser.add_argument("--zone-file", required=True, help="JSON: {name: [[type, value], ...]}")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--stats-file", help="rewritten with the query counts on each SIGUSR1")
     args = parser.parse_args(argv)
     with open(args.zone_file, encoding="utf-8") as f:
         zone = {name: [tuple(r) for r in records] for name, records in json.load(f).items()}
 
     async def serve(reactor: Any) -> None:
         started = await start_dns_server(reactor, zone, args.host, args.port)
+        if args.stats_file:
+            dumps = [0]
+
+            def dump() -> None:
+                dumps[0] += 1
+                _write_stats(args.stats_file, dumps[0], started.queries)
+
+            signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
         print(started.port, flush=True)
         await Deferred()
 

@@ -22,12 +22,16 @@ where REPLY is ``{"status": 200, "body": "...", "content_type": "text/plain",
 "headers": [[name, value], ...], "framing": "length", "content_length": null, "drip": 0,
 "hang": false}`` (all optional; see :class:`Reply`). The script writes its test CA to
 ``ca_file``, serves every host name with a certificate issued on demand, prints
-``{"port": N}`` on one line and runs until stopped.
+``{"port": N}`` on one line and runs until stopped. Optional keys: ``"interface"`` (default
+127.0.0.1); ``"stats_file"``: each SIGUSR1 rewrites that file (atomically) with ``{"seq": n,
+"total": requests, "by_host": {HOST: n, ...}}``, ``seq`` counting the dumps; ``"names"``: host
+names whose certificates are issued at start rather than on first use.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -295,6 +299,17 @@ class PolicyServer:
         await DeferredList(waits)
 
 
+def _write_stats(path: str, seq: int, requests: list[SeenRequest]) -> None:
+    """Write the request counts per Host to ``path`` as JSON, atomically."""
+    by_host: dict[str, int] = {}
+    for request in requests:
+        by_host[request.host] = by_host.get(request.host, 0) + 1
+    stats = {"seq": seq, "total": len(requests), "by_host": by_host}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(path)
+
+
 async def _serve(reactor: Any, config_path: str) -> None:
     from tests.pki import SNIContextFactory, TestCA
 
@@ -303,8 +318,20 @@ async def _serve(reactor: Any, config_path: str) -> None:
     Path(config["ca_file"]).write_bytes(ca.cert_pem)
     replies = {h: Reply.from_json(r) for h, r in config.get("hosts", {}).items()}
     default = Reply.from_json(config["default"]) if "default" in config else None
-    server = PolicyServer(reactor, SNIContextFactory(ca), replies, default)
+    contexts = SNIContextFactory(ca)
+    for name in config.get("names", ()):
+        contexts.set_certificate(name, *ca.issue([name.lower()]))
+    server = PolicyServer(reactor, contexts, replies, default)
     port = await server.start(config.get("interface", "127.0.0.1"), int(config.get("port", 0)))
+    stats_file = config.get("stats_file")
+    if stats_file:
+        dumps = [0]
+
+        def dump() -> None:
+            dumps[0] += 1
+            _write_stats(stats_file, dumps[0], server.requests)
+
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
     sys.stdout.write(json.dumps({"port": port}) + "\n")
     sys.stdout.flush()
     await Deferred()  # until the reactor is stopped by a signal
