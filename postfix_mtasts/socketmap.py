@@ -18,11 +18,13 @@ itself for the nearer deadline.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol as _TypingProtocol
 from typing import TypeAlias, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -138,6 +140,7 @@ class SocketmapProtocol(Protocol):
     def connectionMade(self) -> None:
         """Register with the factory and start the idle timer."""
         self._t = cast(_Transport, self.transport)
+        self._sock = _direct_socket(self.transport)
         self.factory.connections.add(self)
         self._last = self._clock.seconds()
         self._timer = self._clock.callLater(self._idle_timeout, self._tick)
@@ -262,10 +265,31 @@ class SocketmapProtocol(Protocol):
                 break
         if out:
             done += len(out)
-            self._t.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write(out[0] if len(out) == 1 else b"".join(out))
         if pos:  # at least one complete request
             self._last = self._clock.seconds()
             self.factory.requests += done
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` now if the transport holds nothing unsent, else queue it.
+
+        Twisted's ``write`` always buffers and sends on the next reactor turn, registering
+        and unregistering the socket for writability around it: for one small reply per
+        request that bookkeeping costs more than the request.  A reply to a request that was
+        just read nearly always fits in the socket buffer, so try ``send`` first and hand
+        only what did not fit to the transport, which keeps the order.
+        """
+        sock = self._sock
+        t = self._t
+        if sock is not None and not t.dataBuffer and not t._tempDataBuffer:  # type: ignore[attr-defined]
+            try:
+                sent = sock.send(data)
+            except OSError:  # EAGAIN, or an error the transport will notice and report
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        t.write(data)
 
     def _stash(self, data: bytes, pos: int, need: int, started: float | None) -> None:
         """Keep the incomplete frame at ``data[pos:]`` and watch its deadline."""
@@ -389,6 +413,20 @@ class SocketmapProtocol(Protocol):
                     return
                 due = min(due, deadline)
         self._timer = self._clock.callLater(due - now, self._tick)
+
+
+def _direct_socket(transport: object) -> socket.socket | None:
+    """The socket of a plain TCP or UNIX transport that :meth:`SocketmapProtocol._write` may
+    send on directly; None for anything else (TLS, test transports), which then only gets
+    ``transport.write``."""
+    if not isinstance(transport, tcp.Connection):  # TLS wraps it in its own protocol
+        return None
+    sock = getattr(transport, "socket", None)
+    if not isinstance(sock, socket.socket):
+        return None
+    if not hasattr(transport, "dataBuffer") or not hasattr(transport, "_tempDataBuffer"):
+        return None
+    return sock
 
 
 class SocketmapFactory(Factory):

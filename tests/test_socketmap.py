@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -745,5 +746,51 @@ async def test_loopback_tcp(reactor: Any) -> None:
         await factory.drain(timeout=5.0)
         await client.closed
         assert not factory.connections
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_replies_larger_than_the_socket_buffer_stay_in_order(
+    reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies sent directly on the socket and those queued when it is full arrive in order."""
+    sizes = [90_000, 10, 90_000, 50_000, 3, 99_000] * 10
+    queued: list[int] = []
+    direct_write = SocketmapProtocol._write
+
+    def counting_write(self: SocketmapProtocol, data: bytes) -> None:
+        direct_write(self, data)
+        t: Any = self.transport
+        queued.append(len(t.dataBuffer) + sum(map(len, t._tempDataBuffer)))
+
+    monkeypatch.setattr(SocketmapProtocol, "_write", counting_write)
+
+    def lookup(name: bytes, key: bytes) -> bytes:
+        return netstring(key.rjust(sizes[int(key)], b"."))
+
+    factory = SocketmapFactory(lookup, reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        requests = [b"postfix %d" % i for i in range(len(sizes))]
+        expected = b"".join(lookup(b"postfix", r.split()[1]) for r in requests)
+        client = Client(len(expected))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await connectProtocol(endpoint, client)  # type: ignore[no-untyped-call]
+        transport: Any = client.transport
+        while not factory.connections:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        (server,) = factory.connections
+        server_transport: Any = server.transport
+        server_transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        transport.pauseProducing()  # let the server's socket buffer fill up first
+        for start in range(0, len(requests), 6):
+            transport.write(frames(*requests[start : start + 6]))
+            await task.deferLater(reactor, 0.02, lambda: None)
+        transport.resumeProducing()
+        assert await client.complete == expected
+        assert any(queued), "the socket never filled up: the queued path was not exercised"
+        transport.loseConnection()
+        await client.closed
     finally:
         await port.stopListening()
