@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     handler = {"serve": _serve, "query": _query}[args.command]
     try:
         code = handler(config, args)
+    except ConfigError as e:
+        _fail(EXIT_USAGE, str(e))
     except (StoreError, StartError) as e:
         _fail(EXIT_FAILED, str(e))
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from postfix_mtasts.config import Config
+from postfix_mtasts.config import Config, ConfigError
 from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
 from postfix_mtasts.mtasts.fetch import PolicyFetcher
 from postfix_mtasts.mtasts.resolver import PolicyResolver
@@ -33,9 +33,14 @@ log = Logger()
 def make_resolver(config: Config, reactor: Any, store: Store) -> PolicyResolver:
     """The resolver with its DNS client and fetcher, as ``serve`` and ``query`` both use it."""
     dns = DNSClient(reactor, parse_nameservers(config.dns.nameservers), timeout=config.dns.timeout)
-    fetcher = PolicyFetcher(
-        reactor, dns.addresses, ca_file=config.https.ca_file, timeout=config.https.timeout
-    )
+    try:
+        fetcher = PolicyFetcher(
+            reactor, dns.addresses, ca_file=config.https.ca_file, timeout=config.https.timeout
+        )
+    except (OSError, ValueError) as e:
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where, detail = "[https] ca_file", f"{config.https.ca_file}: {problem}"
+        raise ConfigError(config.source, where, detail) from None
     return PolicyResolver(reactor, dns, fetcher, store, zones=config.zones)
 
 

@@ -297,6 +297,22 @@ async def test_usage_errors_exit_2_without_traceback(reactor: Any, args: list[st
     assert "Traceback" not in err and err.strip()
 
 
+@pytest.mark.parametrize("content", [None, "no certificates here\n"])
+@pytest_twisted.ensureDeferred
+async def test_unusable_ca_file_names_the_key(
+    reactor: Any, tmp_path: Path, content: str | None
+) -> None:
+    """A missing or certificate-less [https] ca_file is a configuration error naming the key."""
+    bundle = tmp_path / "ca.pem"
+    if content is not None:
+        bundle.write_text(content)
+    path = tmp_path / "c.toml"
+    path.write_text(f'[https]\nca_file = "{bundle}"\n[store]\npath = "{tmp_path}/s.sqlite"\n')
+    _out, err, code = await run(reactor, ["query", "-c", str(path), "example.com"])
+    assert code == 2
+    assert err.count("\n") == 1 and "[https] ca_file" in err and str(bundle) in err, err
+
+
 @pytest_twisted.ensureDeferred
 async def test_unusable_store_is_one_line_exit_1(reactor: Any, tmp_path: Path) -> None:
     """A store that cannot be created stops the program with one line and exit code 1."""
