@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,31 @@ CREATE TABLE IF NOT EXISTS policy_events (
     detail       TEXT
 );
 CREATE INDEX IF NOT EXISTS policy_events_domain_at ON policy_events (domain, at);
+-- The reporter's read position in each log it follows, committed with the counts it produced.
+CREATE TABLE IF NOT EXISTS log_positions (
+    source     TEXT PRIMARY KEY,
+    position   TEXT NOT NULL,     -- JSON, see postfix_mtasts.tlsrpt.tailer.Position
+    updated_at REAL NOT NULL
+);
+-- TLS sessions counted per UTC day, policy, result and place; "" where a part is absent.
+CREATE TABLE IF NOT EXISTS session_counts (
+    day           TEXT NOT NULL,  -- YYYY-MM-DD
+    policy_domain TEXT NOT NULL,
+    policy_type   TEXT NOT NULL,  -- sts | tlsa | no-policy-found
+    policy_string TEXT NOT NULL,  -- the policy's lines, one per line
+    mx_patterns   TEXT NOT NULL,  -- the policy's mx patterns, one per line
+    result        TEXT NOT NULL,  -- success or an RFC 8460 result type
+    mx_host       TEXT NOT NULL,
+    mx_ip         TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    sessions      INTEGER NOT NULL,
+    PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_patterns, result,
+                 mx_host, mx_ip, reason)
+) WITHOUT ROWID;
 """
+
+CountRow = tuple[str, str, str, str, str, str, str, str, str]
+"""(day, policy_domain, policy_type, policy_string, mx_patterns, result, mx_host, mx_ip, reason)"""
 
 
 _EVENTS = (
@@ -270,6 +294,55 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the store: {e}") from e
         return cur.rowcount
+
+    def log_position(self, source: str) -> str | None:
+        """The position last committed for the log ``source``, or None."""
+        try:
+            row = self._db.execute(
+                "SELECT position FROM log_positions WHERE source = ?", (source,)
+            ).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        return None if row is None else str(row[0])
+
+    def commit_counts(
+        self, source: str, position: str | None, counts: Mapping[CountRow, int], now: float
+    ) -> None:
+        """Add ``counts`` and move ``source``'s position, in one transaction.
+
+        A crash before the commit loses both, so the lines are read again; after it, neither
+        is repeated: no session is lost or counted twice.
+        """
+        try:
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO session_counts (day, policy_domain, policy_type, policy_string,"
+                    " mx_patterns, result, mx_host, mx_ip, reason, sessions)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                    " SET sessions = sessions + excluded.sessions",
+                    [(*key, n) for key, n in counts.items()],
+                )
+                if position is not None:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO log_positions (source, position, updated_at)"
+                        " VALUES (?, ?, ?)",
+                        (source, position, now),
+                    )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    def day_counts(self, day: str) -> list[tuple[CountRow, int]]:
+        """Every counter of the UTC day ``day`` (YYYY-MM-DD)."""
+        try:
+            rows = self._db.execute(
+                "SELECT day, policy_domain, policy_type, policy_string, mx_patterns, result,"
+                " mx_host, mx_ip, reason, sessions FROM session_counts WHERE day = ?"
+                " ORDER BY policy_domain",
+                (day,),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+        return [(tuple(row[:9]), int(row[9])) for row in rows]
 
     # -- helpers ---------------------------------------------------------------------------
 

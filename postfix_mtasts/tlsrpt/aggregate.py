@@ -1,0 +1,162 @@
+"""From TLS sessions to report counters: which policy applied, and what to count.
+
+The policy map records in the store every policy it fetched and every fetch failure it met
+(:meth:`postfix_mtasts.store.Store.events`).  For a session to domain D at time T the policy
+in force is read from D's events up to T (``reference/tlsrpt.md`` §8):
+
+- the latest event is a failure: the session counts once, as that ``sts-policy-*`` failure,
+  under the policy still held then (its lines and ``mx`` patterns), or under a bare ``sts``
+  policy when nothing valid was held (§10: ``policy-string`` and ``mx-host`` omitted);
+- the latest event is a policy unexpired at T: ``enforce`` and ``testing`` policies are
+  ``sts`` with their lines; ``none`` is as if there were no policy (RFC 8461 §8.3);
+- otherwise ``no-policy-found``.
+
+Then :func:`postfix_mtasts.tlsrpt.logparse.classify` turns the session's evidence into a
+result under that policy.  Everything here is pure; :class:`Aggregator` adds a small cache of
+each domain's events in front of the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from postfix_mtasts.store import CountRow, PolicyEvent
+from postfix_mtasts.tlsrpt.logparse import SUCCESS, PolicyKind, Session, classify
+from postfix_mtasts.tlsrpt.report import PolicyKey
+
+NO_POLICY = "no-policy-found"
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The policy in force for a session, as the reporter sees it."""
+
+    kind: PolicyKind
+    key: PolicyKey
+    sts_failure: tuple[str, str] | None = None  # (result type, detail) recorded by the map
+
+
+@dataclass(frozen=True, slots=True)
+class CountKey:
+    """One counter: a UTC day, a policy, a result and where it happened."""
+
+    day: str  # YYYY-MM-DD, UTC
+    policy: PolicyKey
+    result: str  # "success" or an RFC 8460 result type
+    mx_host: str = ""
+    mx_ip: str = ""
+    reason: str = ""
+
+
+def policy_at(domain: str, events: Sequence[PolicyEvent], at: float) -> Applied:
+    """The policy in force for ``domain`` at ``at``, from its events in time order."""
+    latest: PolicyEvent | None = None
+    held: PolicyEvent | None = None  # the latest policy event up to ``at``
+    for event in events:
+        if event.at > at:
+            break
+        latest = event
+        if event.kind == "policy":
+            held = event
+    valid = held if held is not None and (held.expires_at or 0.0) > at else None
+    sts_key = PolicyKey("sts", domain)
+    if valid is not None and valid.policy is not None:
+        sts_key = PolicyKey("sts", domain, valid.policy.lines, valid.policy.mx)
+    if latest is not None and latest.kind == "failure" and latest.failure_type:
+        if valid is not None and valid.policy is not None and valid.policy.mode == "none":
+            return Applied("none", PolicyKey(NO_POLICY, domain))  # never reported for none
+        kind: PolicyKind = "sts-enforce"
+        if valid is not None and valid.policy is not None and valid.policy.mode == "testing":
+            kind = "sts-testing"
+        return Applied(kind, sts_key, (latest.failure_type, latest.detail or ""))
+    if valid is not None and valid.policy is not None and valid.policy.mode != "none":
+        mode: PolicyKind = "sts-enforce" if valid.policy.mode == "enforce" else "sts-testing"
+        return Applied(mode, sts_key)
+    return Applied("none", PolicyKey(NO_POLICY, domain))
+
+
+def count_row(key: CountKey) -> CountRow:
+    """``key`` as the store keeps it."""
+    p = key.policy
+    return (
+        key.day,
+        p.policy_domain,
+        p.policy_type,
+        "\n".join(p.policy_string),
+        "\n".join(p.mx_host),
+        key.result,
+        key.mx_host,
+        key.mx_ip,
+        key.reason,
+    )
+
+
+def count_key_from_row(row: CountRow) -> CountKey:
+    """The inverse of :func:`count_row`."""
+    day, domain, ptype, pstring, patterns, result, mx_host, mx_ip, reason = row
+    lines = tuple(pstring.split("\n")) if pstring else ()
+    mx = tuple(patterns.split("\n")) if patterns else ()
+    return CountKey(day, PolicyKey(ptype, domain, lines, mx), result, mx_host, mx_ip, reason)
+
+
+def utc_day(at: float) -> str:
+    """The UTC day of a Unix time, as YYYY-MM-DD."""
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d")
+
+
+def count_key(session: Session, applied: Applied) -> CountKey | None:
+    """The counter ``session`` adds one to under ``applied``, or None if it is not counted."""
+    day = utc_day(session.time)
+    if applied.sts_failure is not None and session.tlsrpt_result is None:
+        result_type, detail = applied.sts_failure
+        return CountKey(day, applied.key, result_type, reason=detail)
+    outcome = classify(session, applied.kind)
+    if outcome is None:
+        return None
+    result, reason = outcome
+    if result == SUCCESS:
+        return CountKey(day, applied.key, SUCCESS)
+    return CountKey(day, applied.key, result, session.mx_host, session.mx_ip, reason or "")
+
+
+EventSource = Callable[[str, float, float], list[PolicyEvent]]
+
+
+class Aggregator:
+    """Counts sessions per :class:`CountKey`, reading each domain's events once a while.
+
+    ``events(domain, start, end)`` is :meth:`Store.events`.  A domain's events are read for
+    the whole UTC day of the session and kept until a session of another day or ``refresh``
+    seconds of log time have passed, so that policies the map fetches while the log is being
+    read are seen.
+    """
+
+    def __init__(self, events: EventSource, refresh: float = 300.0) -> None:
+        self._events = events
+        self._refresh = refresh
+        self._cache: dict[str, tuple[float, float, list[PolicyEvent]]] = {}
+        self.counts: Counter[CountKey] = Counter()
+        self.not_counted = 0
+
+    def add(self, session: Session) -> None:
+        """Count ``session``."""
+        domain = session.domain
+        cached = self._cache.get(domain)
+        at = session.time
+        if cached is None or not (cached[0] <= at < cached[1]):
+            start = at - at % 86400
+            end = min(start + 86400, at + self._refresh)
+            cached = self._cache[domain] = (start, end, self._events(domain, start, end))
+        key = count_key(session, policy_at(domain, cached[2], at))
+        if key is None:
+            self.not_counted += 1
+        else:
+            self.counts[key] += 1
+
+    def take(self) -> Counter[CountKey]:
+        """The counts since the last call, which the caller commits; starts afresh."""
+        counts, self.counts = self.counts, Counter()
+        return counts
