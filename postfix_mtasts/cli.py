@@ -7,11 +7,14 @@ in one line that names the bad key or argument.  No traceback reaches the user f
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from twisted.internet.defer import ensureDeferred
@@ -31,6 +34,7 @@ from postfix_mtasts.config import Config, ConfigError, load_config
 from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
+from postfix_mtasts.tlsrpt.daily import day_reports
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(query)
     query.add_argument("--json", action="store_true", help="print the policy and its state")
     query.add_argument("domain", help="a domain or a next-hop key such as [mx.example.com]:25")
+
+    report = commands.add_parser("report", help="build the TLS reports of one finished UTC day")
+    config_option(report)
+    report.add_argument("--day", type=_day, help="the UTC day, YYYY-MM-DD (default: yesterday)")
+    report.add_argument("--out", metavar="DIR", type=Path, help="write each report to DIR")
     return parser
+
+
+def _day(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day in the form YYYY-MM-DD: {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -70,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
     except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
-    handler = {"serve": _serve, "query": _query}[args.command]
+    handler = {"serve": _serve, "query": _query, "report": _report}[args.command]
     try:
         code = handler(config, args)
     except ConfigError as e:
@@ -171,6 +187,37 @@ def _query(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     return result[0] if result else EXIT_FAILED
+
+
+def _report(config: Config, args: argparse.Namespace) -> int:
+    config.require_reporting()
+    today = datetime.datetime.now(datetime.UTC).date()
+    day = args.day or today - datetime.timedelta(days=1)
+    if day >= today:
+        _fail(EXIT_USAGE, f"--day: {day} has not finished yet (UTC)")
+    store = Store(config.store_path())
+    try:
+        reports = day_reports(store, config.tlsrpt, day, time.time())
+    finally:
+        store.close()
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for r in reports:
+                (args.out / r.filename).write_bytes(r.gz)
+        except OSError as e:
+            _fail(EXIT_FAILED, f"--out: {e.strerror or e}: {e.filename or args.out}")
+    for r in reports:
+        sessions = sum(
+            p["summary"]["total-successful-session-count"]
+            + p["summary"]["total-failure-session-count"]
+            for p in r.report["policies"]
+        )
+        failed = sum(p["summary"]["total-failure-session-count"] for p in r.report["policies"])
+        print(f"{r.policy_domain}: {sessions} sessions, {failed} failed: {r.filename}")
+    if not reports:
+        print(f"no sessions were counted on {day}")
+    return EXIT_OK
 
 
 def _answer_json(answer: Answer, payload: str, store: Store) -> dict[str, Any]:

@@ -76,6 +76,15 @@ CREATE TABLE IF NOT EXISTS session_counts (
     PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_patterns, result,
                  mx_host, mx_ip, reason)
 ) WITHOUT ROWID;
+-- One report per UTC day and policy domain; its token makes the report-id, which stays the
+-- same when the day's report is built again.
+CREATE TABLE IF NOT EXISTS reports (
+    day           TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,
+    token         TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (day, policy_domain)
+) WITHOUT ROWID;
 """
 
 CountRow = tuple[str, str, str, str, str, str, str, str, str]
@@ -343,6 +352,24 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the store: {e}") from e
         return [(tuple(row[:9]), int(row[9])) for row in rows]
+
+    def report_token(self, day: str, policy_domain: str, new_token: str, now: float) -> str:
+        """The token of the report of ``day`` and ``policy_domain``, made from ``new_token``
+        the first time it is asked for."""
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO reports (day, policy_domain, token, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (day, policy_domain, new_token, now),
+                )
+                row = self._db.execute(
+                    "SELECT token FROM reports WHERE day = ? AND policy_domain = ?",
+                    (day, policy_domain),
+                ).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+        return str(row[0])
 
     # -- helpers ---------------------------------------------------------------------------
 
