@@ -737,3 +737,13 @@ async def test_post_bad_url(reactor: Any, url: str) -> None:
     with pytest.raises(DeliveryError) as caught:
         await post_https(reactor, url=url, body=REPORT_GZ, resolve=resolve_loopback)
     assert caught.value.permanent
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_post_without_resolver(reactor: Any, https_server: ReportServer, host: str) -> None:
+    """Without C{resolve}, an address literal is used as is and a name goes to the reactor."""
+    https_server.set(host, status(200), path=PATH)
+    url = f"https://{host}:{https_server.port}{PATH}"
+    assert await post_https(reactor, url=url, body=REPORT_GZ, verify=False, timeout=10.0) == 200
+    assert https_server.bodies == [REPORT_GZ]

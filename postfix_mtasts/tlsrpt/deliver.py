@@ -45,6 +45,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from postfix_mtasts.mtasts.fetch import (
+    _LDH_NAME,
     USER_AGENT,
     _causes,
     _CheckingCreator,
@@ -55,7 +56,6 @@ from postfix_mtasts.mtasts.fetch import (
     _reasons,
     _Unresolved,
 )
-from postfix_mtasts.tlsrpt.record import is_domain_name
 from postfix_mtasts.tlsrpt.report import report_subject
 
 __all__ = [
@@ -366,7 +366,7 @@ def _parse_url(url: str) -> URI:
         raise DeliveryError(f"not a usable https URL: {url[:100]!r}", permanent=True) from e
     host = uri.host.decode("ascii")
     if uri.scheme != b"https" or not (
-        is_domain_name(host.lower()) or isIPAddress(host) or isIPv6Address(host)
+        _LDH_NAME.fullmatch(host) or isIPAddress(host) or isIPv6Address(host)
     ):
         raise DeliveryError(f"not a usable https URL: {url[:100]!r}", permanent=True)
     return uri
