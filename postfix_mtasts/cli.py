@@ -22,6 +22,7 @@ from twisted.internet.task import react
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -35,8 +36,11 @@ from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
 from postfix_mtasts.tlsrpt.daily import day_reports
+from postfix_mtasts.tlsrpt.ingest import Ingest
+from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower, follow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+self_log = Logger(namespace="postfix_mtasts")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the policy and its state")
     query.add_argument("domain", help="a domain or a next-hop key such as [mx.example.com]:25")
 
+    tail = commands.add_parser("tail", help="follow the mail log and count TLS sessions")
+    config_option(tail)
+    tail.add_argument("--once", action="store_true", help="read to the end, then exit")
+    tail.add_argument(
+        "path", nargs="?", default="/var/log/mail.log", help="the log file, or - for stdin"
+    )
+
     report = commands.add_parser("report", help="build the TLS reports of one finished UTC day")
     config_option(report)
     report.add_argument("--day", type=_day, help="the UTC day, YYYY-MM-DD (default: yesterday)")
@@ -86,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
     except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
-    handler = {"serve": _serve, "query": _query, "report": _report}[args.command]
+    handler = {"serve": _serve, "query": _query, "tail": _tail, "report": _report}[args.command]
     try:
         code = handler(config, args)
     except ConfigError as e:
@@ -187,6 +198,75 @@ def _query(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     return result[0] if result else EXIT_FAILED
+
+
+def _tail(config: Config, args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    _start_logging(LogLevel.info)
+    store = Store(config.store_path())
+    source = "-" if args.path == "-" else os.path.abspath(args.path)
+    ingest = Ingest(store, config.tlsrpt, source)
+    follower: LogFollower | StreamFollower
+    if source == "-":
+        follower = StreamFollower(sys.stdin.buffer.fileno())
+    else:
+        follower = LogFollower(source, ingest.position)
+    progress = _Progress(follower, ingest)
+    try:
+        if args.once:
+            for lines, position in follower.read_available():
+                ingest.handle(lines, position)
+                progress.maybe_report()
+            ingest.finish()
+            progress.report(final=True)
+            return EXIT_OK
+        if isinstance(follower, StreamFollower):
+            os.set_blocking(sys.stdin.buffer.fileno(), False)
+
+        async def run(_reactor: Any) -> None:
+            await follow(reactor, follower, progress.handle)
+
+        react(lambda r: ensureDeferred(run(r)))  # exits through SystemExit
+    except SystemExit as e:
+        return EXIT_OK if e.code in (0, None) else EXIT_FAILED
+    finally:
+        if isinstance(follower, LogFollower):
+            follower.close()
+        store.close()
+
+
+class _Progress:
+    """Reports reading progress every few seconds while a backlog is read."""
+
+    INTERVAL = 5.0
+
+    def __init__(self, follower: LogFollower | StreamFollower, ingest: Ingest) -> None:
+        self._follower = follower
+        self._ingest = ingest
+        self._next = time.monotonic() + self.INTERVAL
+
+    def handle(self, lines: list[bytes], position: Any) -> None:
+        self._ingest.handle(lines, position)
+        self.maybe_report()
+
+    def maybe_report(self) -> None:
+        if time.monotonic() >= self._next:
+            self.report()
+            self._next = time.monotonic() + self.INTERVAL
+
+    def report(self, final: bool = False) -> None:
+        f = self._follower
+        tracker = self._ingest.tracker
+        self_log.info(
+            "{what} {lines} lines ({mb:.1f} MB), {sessions} sessions counted,"
+            " {unparsed} lines not understood",
+            what="read" if final else "reading:",
+            lines=f.lines_read,
+            mb=f.bytes_read / 1e6,
+            sessions=self._ingest.sessions,
+            unparsed=tracker.unparsed,
+        )
 
 
 def _report(config: Config, args: argparse.Namespace) -> int:

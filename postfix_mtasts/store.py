@@ -58,7 +58,8 @@ CREATE INDEX IF NOT EXISTS policy_events_domain_at ON policy_events (domain, at)
 -- The reporter's read position in each log it follows, committed with the counts it produced.
 CREATE TABLE IF NOT EXISTS log_positions (
     source     TEXT PRIMARY KEY,
-    position   TEXT NOT NULL,     -- JSON, see postfix_mtasts.tlsrpt.tailer.Position
+    position   TEXT,              -- JSON, see postfix_mtasts.tlsrpt.tailer.Position
+    state      BLOB,              -- the session tracker's open sessions at that position
     updated_at REAL NOT NULL
 );
 -- TLS sessions counted per UTC day, policy, result and place; "" where a part is absent.
@@ -304,23 +305,28 @@ class Store:
             raise StoreError(f"cannot write the store: {e}") from e
         return cur.rowcount
 
-    def log_position(self, source: str) -> str | None:
-        """The position last committed for the log ``source``, or None."""
+    def log_position(self, source: str) -> tuple[str | None, bytes | None]:
+        """The position and tracker state last committed for the log ``source``."""
         try:
             row = self._db.execute(
-                "SELECT position FROM log_positions WHERE source = ?", (source,)
+                "SELECT position, state FROM log_positions WHERE source = ?", (source,)
             ).fetchone()
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the store: {e}") from e
-        return None if row is None else str(row[0])
+        return (None, None) if row is None else (row[0], row[1])
 
     def commit_counts(
-        self, source: str, position: str | None, counts: Mapping[CountRow, int], now: float
+        self,
+        source: str,
+        position: str | None,
+        counts: Mapping[CountRow, int],
+        now: float,
+        state: bytes | None = None,
     ) -> None:
-        """Add ``counts`` and move ``source``'s position, in one transaction.
+        """Add ``counts`` and move ``source``'s position and state, in one transaction.
 
-        A crash before the commit loses both, so the lines are read again; after it, neither
-        is repeated: no session is lost or counted twice.
+        A crash before the commit loses all three, so the lines are read again; after it,
+        none is repeated: no session is lost or counted twice.
         """
         try:
             with self._transaction():
@@ -331,12 +337,11 @@ class Store:
                     " SET sessions = sessions + excluded.sessions",
                     [(*key, n) for key, n in counts.items()],
                 )
-                if position is not None:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO log_positions (source, position, updated_at)"
-                        " VALUES (?, ?, ?)",
-                        (source, position, now),
-                    )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO log_positions (source, position, state, updated_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (source, position, state, now),
+                )
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the store: {e}") from e
 

@@ -24,8 +24,7 @@ where REPLY is ``{"status": 200, "body": "...", "content_type": "text/plain",
 ``ca_file``, serves every host name with a certificate issued on demand, prints
 ``{"port": N}`` on one line and runs until stopped. Optional keys: ``"interface"`` (default
 127.0.0.1); ``"stats_file"``: each SIGUSR1 rewrites that file (atomically) with ``{"seq": n,
-"total": requests, "by_host": {HOST: n, ...}}``, ``seq`` counting the dumps; ``"names"``: host
-names whose certificates are issued at start rather than on first use.
+"total": requests, "by_host": {HOST: n, ...}}``, ``seq`` counting the dumps.
 """
 
 from __future__ import annotations
@@ -318,10 +317,7 @@ async def _serve(reactor: Any, config_path: str) -> None:
     Path(config["ca_file"]).write_bytes(ca.cert_pem)
     replies = {h: Reply.from_json(r) for h, r in config.get("hosts", {}).items()}
     default = Reply.from_json(config["default"]) if "default" in config else None
-    contexts = SNIContextFactory(ca)
-    for name in config.get("names", ()):
-        contexts.set_certificate(name, *ca.issue([name.lower()]))
-    server = PolicyServer(reactor, contexts, replies, default)
+    server = PolicyServer(reactor, SNIContextFactory(ca), replies, default)
     port = await server.start(config.get("interface", "127.0.0.1"), int(config.get("port", 0)))
     stats_file = config.get("stats_file")
     if stats_file:

@@ -148,8 +148,8 @@ def test_counts_commit_with_the_position(tmp_path: Path) -> None:
     key = CountKey("2026-11-22", STS, "success")
     store.commit_counts("/var/log/mail.log", '{"offset": 10}', {count_row(key): 3}, DAY)
     store.commit_counts("/var/log/mail.log", '{"offset": 20}', {count_row(key): 2}, DAY)
-    assert store.log_position("/var/log/mail.log") == '{"offset": 20}'
-    assert store.log_position("other") is None
+    assert store.log_position("/var/log/mail.log") == ('{"offset": 20}', None)
+    assert store.log_position("other") == (None, None)
     assert [(count_key_from_row(r), n) for r, n in store.day_counts("2026-11-22")] == [(key, 5)]
     assert store.day_counts("2026-11-23") == []
     store.close()

@@ -1396,3 +1396,25 @@ def test_mixed_lines_never_raise(pieces: list[tuple[str, str, int, int]]) -> Non
         for policy in POLICIES:
             result = classify(session, policy)
             assert result is None or result[0] == SUCCESS or result[0] in RESULT_TYPES
+
+
+def test_release_emits_held_sessions_and_keeps_open_ones() -> None:
+    """release() hands out complete sessions but keeps one still waiting for its delivery line."""
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    tracker = SessionTracker(tz=UTC)
+    prefix = "2026-11-22T10:00:00+00:00 mail postfix/smtp"
+    tls = (
+        " Verified TLS connection established to mx.a.example[192.0.2.1]:25: TLSv1.3 with"
+        " cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+    )
+    sent = (
+        ": 1A2B3C: to=<u@a.example>, relay=mx.a.example[192.0.2.1]:25, delay=1,"
+        " delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok)"
+    )
+    for line in (f"{prefix}[1]:{tls}", f"{prefix}[1]{sent}", f"{prefix}[2]:{tls}"):
+        assert tracker.feed_text(line, now) == []
+    released = tracker.release()
+    assert [(s.domain, s.trust) for s in released] == [("a.example", "Verified")]
+    second = sent.replace("1A2B3C", "4D5E6F")
+    later = tracker.feed_text(f"{prefix}[2]{second}", now) + tracker.release()
+    assert [(s.domain, s.queue_id) for s in later] == [("a.example", "4D5E6F")]

@@ -799,6 +799,18 @@ class SessionTracker:
             self._ignored += 1
         return out
 
+    def release(self) -> list[Session]:
+        """Emit every held session now, and keep the open ones for more input.
+
+        For a pause in the input that may not be its end (``tail --once`` on a log that
+        grows): a session whose delivery line is still to come is not lost.
+        """
+        out: list[Session] = []
+        for proc in self._procs.values():
+            self._release(proc, out)
+        self._held.clear()
+        return out
+
     def flush(self) -> list[Session]:
         """End of input: emit every held session; open ones, lacking a domain, are dropped."""
         out: list[Session] = []

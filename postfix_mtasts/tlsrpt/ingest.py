@@ -1,0 +1,87 @@
+"""Log lines into the store: the tracker, the aggregator and the commit, per batch.
+
+Each batch of lines the follower hands out is parsed, its sessions are attributed and
+counted, and the counts are committed together with the follower's position and the
+tracker's open sessions (pickled), in one SQLite transaction.  A restart, even after
+``kill -9``, resumes at the last commit with the sessions that were open then: no line is
+lost and none is counted twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import time
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from postfix_mtasts.config import TLSRPTConfig
+from postfix_mtasts.store import Store
+from postfix_mtasts.tlsrpt.aggregate import Aggregator, count_row
+from postfix_mtasts.tlsrpt.logparse import Session, SessionTracker
+from postfix_mtasts.tlsrpt.tailer import Position
+
+log = Logger()
+
+
+class Ingest:
+    """Counts the sessions of one log ``source`` (a path, or ``"-"`` for standard input)."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: TLSRPTConfig,
+        source: str,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._source = source
+        self._now = now
+        position, state = store.log_position(source)
+        self.position = Position.from_json(position) if position else None
+        self.tracker = _restore(state) or SessionTracker(
+            report_sender=config.mail_from, tz=config.log_tzinfo
+        )
+        self._aggregator = Aggregator(store.events)
+        self.sessions = 0
+
+    def handle(self, lines: list[bytes], position: Position | None) -> None:
+        """Count the sessions ``lines`` complete and commit them with ``position``."""
+        today = datetime.datetime.fromtimestamp(self._now(), datetime.UTC)
+        feed, add = self.tracker.feed_text, self._aggregator.add
+        for line in lines:
+            for session in feed(line.decode("utf-8", "replace"), today):
+                add(session)
+                self.sessions += 1
+        self._commit(position)
+
+    def finish(self) -> None:
+        """The input paused (``--once``): count the complete sessions it held back, and
+        commit; sessions still waiting for their delivery line stay open for the next run."""
+        self._add(self.tracker.release())
+        self._commit(self.position)
+
+    def _add(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            self._aggregator.add(session)
+            self.sessions += 1
+
+    def _commit(self, position: Position | None) -> None:
+        if position is not None:
+            self.position = position
+        counts = {count_row(k): n for k, n in self._aggregator.take().items()}
+        state = pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
+        where = None if self.position is None else self.position.to_json()
+        self._store.commit_counts(self._source, where, counts, self._now(), state)
+
+
+def _restore(state: bytes | None) -> SessionTracker | None:
+    if not state:
+        return None
+    try:
+        tracker = pickle.loads(state)  # noqa: S301 (our own store, written by this class)
+    except Exception as e:  # noqa: BLE001 (e.g. saved by another version)
+        log.warn("starting without the saved open sessions: {error}", error=str(e))
+        return None
+    return tracker if isinstance(tracker, SessionTracker) else None

@@ -1,0 +1,135 @@
+"""`postfix-mtasts tail` on real files: counts survive restarts and kill -9 exactly."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from postfix_mtasts.store import Store
+
+TLS = (
+    "2026-11-22T{t} mail postfix/smtp[{pid}]: {trust} TLS connection established to"
+    " mx{n}.d{d}.example[192.0.2.{n}]:25: TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+)
+SENT = (
+    "2026-11-22T{t} mail postfix/smtp[{pid}]: {qid}: to=<u@d{d}.example>,"
+    " relay=mx{n}.d{d}.example[192.0.2.{n}]:25, delay=1, delays=0/0/0.5/0.5, dsn=2.0.0,"
+    " status=sent (250 2.0.0 Ok)"
+)
+NOISE = (
+    "2026-11-22T{t} mail postfix/qmgr[77]: {qid}: from=<s@example.org>, size=1234, nrcpt=1"
+    " (queue active)"
+)
+
+
+def write_log(path: Path, sessions: int, seed: int = 1) -> None:
+    """A log of interleaved deliveries: two processes alternate, with qmgr noise between."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(sessions):
+        t = f"{10 + i // 36000 % 10:02d}:{i // 600 % 60:02d}:{i // 10 % 60:02d}+00:00"
+        pid, d, n = 1000 + i % 7, rng.randrange(20), rng.randrange(1, 5)
+        trust = rng.choice(["Verified", "Trusted", "Untrusted"])
+        qid = f"{i:010X}"
+        lines.append(TLS.format(t=t, pid=pid, trust=trust, n=n, d=d))
+        lines.append(NOISE.format(t=t, qid=qid))
+        lines.append(SENT.format(t=t, pid=pid, qid=qid, n=n, d=d))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def config(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[store]\npath = "{tmp_path / name}.sqlite"\n')
+    return path
+
+
+def tail(cfg: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "postfix_mtasts.cli", "tail", "-c", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def counts(tmp_path: Path, name: str) -> dict[tuple[str, ...], int]:
+    store = Store(tmp_path / f"{name}.sqlite")
+    try:
+        return dict(store.day_counts("2026-11-22"))
+    finally:
+        store.close()
+
+
+def test_tail_once_counts_every_session(tmp_path: Path) -> None:
+    """Every delivery session of the log is counted once, under no-policy-found."""
+    log = tmp_path / "mail.log"
+    write_log(log, 500)
+    result = tail(config(tmp_path, "a"), "--once", str(log))
+    assert result.returncode == 0, result.stderr
+    assert "read 1500 lines" in result.stderr
+    assert sum(counts(tmp_path, "a").values()) == 500
+
+
+def test_appended_lines_are_counted_once(tmp_path: Path) -> None:
+    """Reading a growing log in three runs counts the same as reading it whole once."""
+    whole = tmp_path / "whole.log"
+    write_log(whole, 900)
+    lines = whole.read_text().splitlines(keepends=True)
+    growing = tmp_path / "mail.log"
+    cfg = config(tmp_path, "parts")
+    for part in (lines[:1000], lines[1000:1001], lines[1001:]):
+        with growing.open("a") as f:
+            f.writelines(part)
+        assert tail(cfg, "--once", str(growing)).returncode == 0
+    assert tail(config(tmp_path, "whole"), "--once", str(whole)).returncode == 0
+    assert counts(tmp_path, "parts") == counts(tmp_path, "whole")
+    assert sum(counts(tmp_path, "whole").values()) == 900
+
+
+def test_sigkill_in_the_middle_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """Killed with SIGKILL while reading, then restarted, the counts equal an uninterrupted run."""
+    log = tmp_path / "mail.log"
+    write_log(log, 60000)
+    cfg = config(tmp_path, "killed")
+    kills = 0
+    for delay in (0.8, 1.0, 1.2):
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "postfix_mtasts.cli",
+                "tail",
+                "-c",
+                str(cfg),
+                "--once",
+                str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(30)
+    assert kills, "the run finished before it could be killed: make the log longer"
+    assert tail(cfg, "--once", str(log)).returncode == 0
+    assert tail(config(tmp_path, "whole"), "--once", str(log)).returncode == 0
+    assert counts(tmp_path, "killed") == counts(tmp_path, "whole")
+    assert sum(counts(tmp_path, "whole").values()) == 60000
+
+
+def test_standard_input(tmp_path: Path) -> None:
+    """`tail -` reads the log from standard input."""
+    log = tmp_path / "mail.log"
+    write_log(log, 50)
+    with log.open("rb") as stdin:
+        result = tail(config(tmp_path, "stdin"), "--once", "-", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert sum(counts(tmp_path, "stdin").values()) == 50
