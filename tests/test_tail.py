@@ -54,7 +54,7 @@ def tail(cfg: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str
         text=True,
         timeout=300,
         check=False,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
