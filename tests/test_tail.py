@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from postfix_mtasts.store import Store
 
@@ -47,14 +48,14 @@ def config(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def tail(cfg: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def tail(cfg: Path, *args: str, stdin: IO[bytes] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "postfix_mtasts.cli", "tail", "-c", str(cfg), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-        **kw,
+        stdin=stdin,
     )
 
 
