@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from postfix_mtasts.mtasts.policy import Policy
 
@@ -172,15 +173,12 @@ class Store:
 
     def get_policy(self, domain: str) -> StoredPolicy | None:
         """The policy held for ``domain``, expired or not, or None."""
-        try:
-            row = self._db.execute(
-                "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at,"
-                " refresh_at FROM policies WHERE domain = ?",
-                (domain,),
-            ).fetchone()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
-        return None if row is None else self._row(row)
+        rows = self._read(
+            "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at,"
+            " refresh_at FROM policies WHERE domain = ?",
+            (domain,),
+        )
+        return self._row(rows[0]) if rows else None
 
     def load_policies(self, now: float, limit: int | None = None) -> Iterator[StoredPolicy]:
         """Every policy unexpired at ``now``, most recently fetched first."""
@@ -192,22 +190,15 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             params = (now, limit)
-        try:
-            rows = self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
-        return (self._row(row) for row in rows)
+        return (self._row(row) for row in self._read(sql, params))
 
     def due_for_refresh(self, now: float, limit: int) -> list[str]:
         """Domains whose policy is still unexpired and due for a proactive refresh."""
-        try:
-            rows = self._db.execute(
-                "SELECT domain FROM policies WHERE refresh_at <= ? AND expires_at > ?"
-                " ORDER BY refresh_at LIMIT ?",
-                (now, now, limit),
-            ).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
+        rows = self._read(
+            "SELECT domain FROM policies WHERE refresh_at <= ? AND expires_at > ?"
+            " ORDER BY refresh_at LIMIT ?",
+            (now, now, limit),
+        )
         return [domain for (domain,) in rows]
 
     def save_policy(self, stored: StoredPolicy) -> None:
@@ -307,13 +298,8 @@ class Store:
 
     def log_position(self, source: str) -> tuple[str | None, bytes | None]:
         """The position and tracker state last committed for the log ``source``."""
-        try:
-            row = self._db.execute(
-                "SELECT position, state FROM log_positions WHERE source = ?", (source,)
-            ).fetchone()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
-        return (None, None) if row is None else (row[0], row[1])
+        rows = self._read("SELECT position, state FROM log_positions WHERE source = ?", (source,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     def commit_counts(
         self,
@@ -347,15 +333,12 @@ class Store:
 
     def day_counts(self, day: str) -> list[tuple[CountRow, int]]:
         """Every counter of the UTC day ``day`` (YYYY-MM-DD)."""
-        try:
-            rows = self._db.execute(
-                "SELECT day, policy_domain, policy_type, policy_string, mx_patterns, result,"
-                " mx_host, mx_ip, reason, sessions FROM session_counts WHERE day = ?"
-                " ORDER BY policy_domain",
-                (day,),
-            ).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
+        rows = self._read(
+            "SELECT day, policy_domain, policy_type, policy_string, mx_patterns, result,"
+            " mx_host, mx_ip, reason, sessions FROM session_counts WHERE day = ?"
+            " ORDER BY policy_domain",
+            (day,),
+        )
         return [(tuple(row[:9]), int(row[9])) for row in rows]
 
     def report_token(self, day: str, policy_domain: str, new_token: str, now: float) -> str:
@@ -378,19 +361,18 @@ class Store:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def _events(self, where: str, params: tuple[object, ...]) -> list[PolicyEvent]:
         # ``where`` is always one of this module's constant clauses.
-        sql = _EVENTS + where
-        try:
-            rows = self._db.execute(
-                sql,
-                params,
-            ).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the store: {e}") from e
+        rows = self._read(_EVENTS + where, params)
         events = []
         for domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, ftype, detail in rows:
             policy = _policy(mode, max_age, mx, lines) if kind == "policy" else None

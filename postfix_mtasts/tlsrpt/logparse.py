@@ -43,6 +43,8 @@ from typing import Literal, NamedTuple, cast, get_args
 
 import idna
 
+from postfix_mtasts.tlsrpt.report import RESULT_TYPES
+
 __all__ = [
     "FAILURES",
     "HOLD_SECONDS",
@@ -103,21 +105,6 @@ FAILURES: frozenset[str] = frozenset(get_args(Failure))
 
 SUCCESS = "success"
 
-RESULT_TYPES: frozenset[str] = frozenset(
-    {
-        "starttls-not-supported",
-        "certificate-host-mismatch",
-        "certificate-expired",
-        "certificate-not-trusted",
-        "validation-failure",
-        "tlsa-invalid",
-        "dnssec-invalid",
-        "dane-required",
-        "sts-policy-fetch-error",
-        "sts-policy-invalid",
-        "sts-webpki-invalid",
-    }
-)
 """The eleven RFC 8460 §4.3 result types."""
 
 _DANE_ONLY = frozenset({"tlsa-invalid", "dnssec-invalid", "dane-required"})
