@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,12 @@ class Store:
         return self._row(rows[0]) if rows else None
 
     def load_policies(self, now: float, limit: int | None = None) -> Iterator[StoredPolicy]:
-        """Every policy unexpired at ``now``, most recently fetched first."""
+        """Every policy unexpired at ``now``, most recently fetched first, read as iterated.
+
+        Lines and patterns that many policies share (``version: STSv1``, ``mode: enforce``,
+        a provider's ``mx``) are interned, so a hundred thousand policies cost little more
+        memory than their distinct text.
+        """
         sql = (
             "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at, refresh_at"
             " FROM policies WHERE expires_at > ? ORDER BY fetched_at DESC"
@@ -190,7 +196,11 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             params = (now, limit)
-        return (self._row(row) for row in self._read(sql, params))
+        try:
+            for row in self._db.execute(sql, params):
+                yield self._row(row, intern=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the store: {e}") from e
 
     def due_for_refresh(self, now: float, limit: int) -> list[str]:
         """Domains whose policy is still unexpired and due for a proactive refresh."""
@@ -380,12 +390,20 @@ class Store:
         return events
 
     @staticmethod
-    def _row(row: tuple[object, ...]) -> StoredPolicy:
+    def _row(row: tuple[object, ...], intern: bool = False) -> StoredPolicy:
         domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at, refresh_at = row
+        policy = _policy(str(mode), int(max_age), str(mx), str(lines))  # type: ignore[call-overload]
+        if intern:
+            policy = Policy(
+                sys.intern(policy.mode),
+                tuple(sys.intern(p) for p in policy.mx),
+                policy.max_age,
+                tuple(sys.intern(line) for line in policy.lines),
+            )
         return StoredPolicy(
             domain=str(domain),
             txt_id=str(txt_id),
-            policy=_policy(str(mode), int(max_age), str(mx), str(lines)),  # type: ignore[call-overload]
+            policy=policy,
             fetched_at=float(fetched_at),  # type: ignore[arg-type]
             expires_at=float(expires_at),  # type: ignore[arg-type]
             refresh_at=float(refresh_at),  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import LRUCache, TLRUCache
@@ -85,13 +85,16 @@ class Entry:
     fetched_at: float
     expires_at: float
     checked_at: float
-    replies: dict[ReplyOptions, bytes] = field(default_factory=dict)
+    replies: dict[ReplyOptions, bytes] | None = None  # made on the first hit
 
     def reply(self, options: ReplyOptions) -> bytes:
         """The framed socketmap reply for a zone with ``options``, built once."""
-        reply = self.replies.get(options)
+        replies = self.replies
+        if replies is None:
+            replies = self.replies = {}
+        reply = replies.get(options)
         if reply is None:
-            reply = self.replies[options] = policy_reply(self.domain, self.policy, options)
+            reply = replies[options] = policy_reply(self.domain, self.policy, options)
         return reply
 
     @classmethod
