@@ -36,8 +36,8 @@ from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
 from postfix_mtasts.tlsrpt.daily import day_reports
-from postfix_mtasts.tlsrpt.ingest import Ingest
-from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower, follow
+from postfix_mtasts.tlsrpt.ingest import Ingest, follow_into
+from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 self_log = Logger(namespace="postfix_mtasts")
@@ -225,7 +225,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             os.set_blocking(sys.stdin.buffer.fileno(), False)
 
         async def run(_reactor: Any) -> None:
-            await follow(reactor, follower, progress.handle)
+            await follow_into(reactor, follower, ingest, progress.handle)
 
         react(lambda r: ensureDeferred(run(r)))  # exits through SystemExit
     except SystemExit as e:

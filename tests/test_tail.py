@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 from typing import IO
 
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+
+from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.store import Store
+from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into
+from postfix_mtasts.tlsrpt.tailer import LogFollower
 
 TLS = (
     "2026-11-22T{t} mail postfix/smtp[{pid}]: {trust} TLS connection established to"
@@ -134,3 +140,25 @@ def test_standard_input(tmp_path: Path) -> None:
         result = tail(config(tmp_path, "stdin"), "--once", "-", stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert sum(counts(tmp_path, "stdin").values()) == 50
+
+
+def test_following_a_quiet_log_counts_the_last_delivery(tmp_path: Path) -> None:
+    """While following, a delivery held back for a TLSRPT: line is counted once the log is quiet."""
+    log = tmp_path / "mail.log"
+    write_log(log, 1)
+    store = Store(tmp_path / "s.sqlite")
+    ingest = Ingest(store, TLSRPTConfig(), str(log))
+    follower = LogFollower(str(log))
+    clock = Clock()
+    stop: Deferred[object] = Deferred()
+    done = ensureDeferred(follow_into(clock, follower, ingest, stop=stop))
+    clock.advance(1.0)
+    assert follower.lines_read == 3
+    assert store.day_counts("2026-11-22") == []  # held: a TLSRPT: line may still follow
+    clock.advance(RELEASE_INTERVAL)
+    assert sum(n for _, n in store.day_counts("2026-11-22")) == 1
+    stop.callback(None)
+    clock.advance(1.0)
+    assert done.called
+    follower.close()
+    store.close()

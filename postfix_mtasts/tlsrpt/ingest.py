@@ -14,13 +14,16 @@ import pickle
 import time
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.store import Store
 from postfix_mtasts.tlsrpt.aggregate import Aggregator, count_row
 from postfix_mtasts.tlsrpt.logparse import Session, SessionTracker
-from postfix_mtasts.tlsrpt.tailer import Position
+from postfix_mtasts.tlsrpt.tailer import LogFollower, Position, StreamFollower, follow
 
 log = Logger()
 
@@ -57,8 +60,9 @@ class Ingest:
         self._commit(position)
 
     def finish(self) -> None:
-        """The input paused (``--once``): count the complete sessions it held back, and
-        commit; sessions still waiting for their delivery line stay open for the next run."""
+        """The input paused (the end of ``--once``, or a quiet spell while following): count
+        the complete sessions held back, and commit; sessions still waiting for their
+        delivery line stay open for more input."""
         self._add(self.tracker.release())
         self._commit(self.position)
 
@@ -74,6 +78,34 @@ class Ingest:
         state = pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
         where = None if self.position is None else self.position.to_json()
         self._store.commit_counts(self._source, where, counts, self._now(), state)
+
+
+RELEASE_INTERVAL = 30.0
+"""Seconds between commits of held-back sessions while a log is followed."""
+
+
+async def follow_into(
+    reactor: IReactorTime,
+    follower: LogFollower | StreamFollower,
+    ingest: Ingest,
+    handle: Callable[[list[bytes], Position | None], object] | None = None,
+    *,
+    release_interval: float = RELEASE_INTERVAL,
+    stop: Deferred[object] | None = None,
+) -> None:
+    """Follow a log into the store until ``stop`` fires (or a stream ends).
+
+    ``handle`` (default: ``ingest.handle``) gets each batch.  Every ``release_interval``
+    seconds the sessions held back for a Postfix 3.10 ``TLSRPT:`` line are counted, so that a
+    quiet log does not keep its last deliveries uncounted.
+    """
+    release = LoopingCall(ingest.finish)
+    release.clock = reactor
+    release.start(release_interval, now=False)
+    try:
+        await follow(reactor, follower, handle or ingest.handle, stop=stop)
+    finally:
+        release.stop()
 
 
 def _restore(state: bytes | None) -> SessionTracker | None:
