@@ -6,8 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dns.exception
 import dns.flags
 import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.rrset
 import pytest
 import pytest_twisted
@@ -17,7 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 
 from postfix_mtasts.mtasts import dns as mtasts_dns
-from postfix_mtasts.mtasts.dns import DNSClient, DNSFailure, parse_nameservers
+from postfix_mtasts.mtasts.dns import DNSClient, DNSFailure, _Query, parse_nameservers
 
 if TYPE_CHECKING:
     from tests.dnsserver import DNSTestServer, ServerFactory
@@ -568,3 +573,50 @@ def test_parse_nameservers_resolv_conf(tmp_path: Path, text: str | None, expecte
     if text is not None:
         path.write_text(text)
     assert parse_nameservers([], resolv_conf=str(path)) == expected
+
+
+def _wire_response(query: dns.message.Message, **change: Any) -> bytes:
+    response = dns.message.make_response(query)
+    for name, value in change.items():
+        if name == "rcode":
+            response.set_rcode(value)
+        elif name == "question":
+            response.question = value
+        else:
+            setattr(response, name, value)
+    return response.to_wire()
+
+
+def test_response_check_matches_dnspython() -> None:
+    """The wire-level response check agrees with dnspython's is_response on each case."""
+    name = dns.name.from_text("_mta-sts.Example.test.")
+    query = _Query(name, dns.rdatatype.TXT)
+    parsed = dns.message.from_wire(query.to_wire())
+    other = dns.message.make_query("_mta-sts.other.test.", dns.rdatatype.TXT)
+    cases = {
+        "plain": _wire_response(parsed),
+        "case changed": _wire_response(
+            parsed,
+            question=[
+                dns.rrset.RRset(
+                    dns.name.from_text("_MTA-STS.EXAMPLE.TEST."),
+                    dns.rdataclass.IN,
+                    dns.rdatatype.TXT,
+                )
+            ],
+        ),
+        "other id": _wire_response(parsed, id=(query.id + 1) % 65536),
+        "other question": _wire_response(parsed, question=other.question),
+        "refused without question": _wire_response(parsed, rcode=dns.rcode.REFUSED, question=[]),
+        "noerror without question": _wire_response(parsed, question=[]),
+        "not a response": query.to_wire(),
+        "short": query.to_wire()[:11],
+    }
+    for label, wire in cases.items():
+        try:
+            expected = parsed.is_response(dns.message.from_wire(wire))
+        except dns.exception.DNSException:
+            expected = False
+        assert query.answered_by(wire) == expected, label
+    assert query.answered_by(cases["plain"]) and query.answered_by(cases["case changed"])
+    assert not query.answered_by(cases["other question"])

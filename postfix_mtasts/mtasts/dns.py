@@ -20,7 +20,9 @@ closing of every UDP port; those lines carry the prefix ``DNSClient``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -174,9 +176,54 @@ def _expire(answered: Deferred[dns.message.Message]) -> None:
         answered.errback(_Timeout())
 
 
-def _response_to(query: dns.message.Message, wire: bytes) -> dns.message.Message | None:
+@functools.lru_cache(maxsize=4096)
+def _template(labels: tuple[bytes, ...], rdtype: dns.rdatatype.RdataType) -> tuple[bytes, int]:
+    """A rendered query (id 0) for the name with exactly these ``labels`` (names compare
+    case-insensitively, but the query keeps the case it was asked in), and the length of
+    its question."""
+    query = dns.message.make_query(dns.name.Name(labels), rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+    query.id = 0
+    return query.to_wire(), sum(len(label) + 1 for label in labels) + 4
+
+
+_QUESTION_OPTIONAL = frozenset(
+    {dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED}
+)
+
+
+class _Query:
+    """One query message: rendered once per name and type, sent with a fresh random id.
+
+    Building, rendering and checking dnspython messages is most of the CPU a lookup costs;
+    the wire form of a query differs between two lookups of the same name only in its id.
+    """
+
+    __slots__ = ("_question", "_wire", "id")
+
+    def __init__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+        template, length = _template(qname.labels, rdtype)
+        self.id = secrets.randbits(16)
+        self._wire = self.id.to_bytes(2, "big") + template[2:]
+        self._question = template[12 : 12 + length].lower()
+
+    def to_wire(self) -> bytes:
+        return self._wire
+
+    def answered_by(self, wire: bytes) -> bool:
+        """Whether ``wire`` is a response to this query (what dnspython's is_response checks):
+        same id, QR set, opcode QUERY, and our question, compared case-insensitively; error
+        responses may leave the question out."""
+        if len(wire) < 12 or wire[:2] != self._wire[:2] or not wire[2] & 0x80 or wire[2] & 0x78:
+            return False
+        if wire[4:6] == b"\x00\x01":
+            end = 12 + len(self._question)
+            return wire[12:end].lower() == self._question
+        return wire[4:6] == b"\x00\x00" and (wire[3] & 0x0F) in _QUESTION_OPTIONAL
+
+
+def _response_to(query: _Query, wire: bytes) -> dns.message.Message | None:
     """The message in ``wire`` if it answers ``query``, else None."""
-    if wire[:2] != query.id.to_bytes(2, "big"):
+    if not query.answered_by(wire):
         return None
     try:
         response = dns.message.from_wire(wire, raise_on_truncation=True)
@@ -184,7 +231,7 @@ def _response_to(query: dns.message.Message, wire: bytes) -> dns.message.Message
         response = truncated.message()  # type: ignore[no-untyped-call]
     except Exception:  # noqa: BLE001 - untrusted bytes: whatever fails to parse is not an answer
         return None
-    return response if query.is_response(response) else None
+    return response
 
 
 class _UDPExchange(DatagramProtocol):
@@ -195,7 +242,7 @@ class _UDPExchange(DatagramProtocol):
 
     def __init__(
         self,
-        query: dns.message.Message,
+        query: _Query,
         server: _Server,
         answered: Deferred[dns.message.Message],
     ) -> None:
@@ -225,7 +272,7 @@ class _UDPExchange(DatagramProtocol):
 class _TCPExchange(Int16StringReceiver):
     def __init__(
         self,
-        query: dns.message.Message,
+        query: _Query,
         answered: Deferred[dns.message.Message],
         on_sent: Callable[[], None],
     ) -> None:
@@ -248,7 +295,7 @@ class _TCPFactory(ClientFactory):
 
     def __init__(
         self,
-        query: dns.message.Message,
+        query: _Query,
         server: _Server,
         answered: Deferred[dns.message.Message],
         on_sent: Callable[[], None],
@@ -435,7 +482,7 @@ class DNSClient:
         deadline: float,
     ) -> dns.message.Message:
         """One attempt: a fresh query over UDP, then over TCP if the answer was truncated."""
-        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        query = _Query(qname, rdtype)
         response = await self._udp(query, server, self._wait(deadline))
         if response.flags & dns.flags.TC:
             response = await self._tcp(query, server, self._wait(deadline))
@@ -447,9 +494,7 @@ class DNSClient:
             raise _Timeout()
         return wait
 
-    async def _udp(
-        self, query: dns.message.Message, server: _Server, wait: float
-    ) -> dns.message.Message:
+    async def _udp(self, query: _Query, server: _Server, wait: float) -> dns.message.Message:
         answered: Deferred[dns.message.Message] = Deferred()
         interface = "::" if server.address.version == 6 else "0.0.0.0"
         try:
@@ -473,9 +518,7 @@ class DNSClient:
             if stopped is not None:
                 await stopped
 
-    async def _tcp(
-        self, query: dns.message.Message, server: _Server, wait: float
-    ) -> dns.message.Message:
+    async def _tcp(self, query: _Query, server: _Server, wait: float) -> dns.message.Message:
         answered: Deferred[dns.message.Message] = Deferred()
         factory = _TCPFactory(query, server, answered, self._count_sent)
         connector = self._reactor.connectTCP(server.host, server.port, factory, timeout=wait)
