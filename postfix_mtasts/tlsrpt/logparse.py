@@ -591,22 +591,23 @@ _Evidence = tuple[Failure, str | None, int, str, str, int]
 """(failure, reason, rank, host, ip, port) read from a delivery reason."""
 
 
+_VERIFY_TEXTS: tuple[tuple[str, Failure, str | None, int], ...] = (
+    # Postfix's tls_verify.c wording -> evidence, X509_V_ERR_* reason code, rank (§7.4)
+    ("untrusted issuer", "untrusted-issuer", "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", _SPECIFIC),
+    ("self-signed certificate", "untrusted-issuer", "DEPTH_ZERO_SELF_SIGNED_CERT", _SPECIFIC),
+    ("not trusted by local or TLSA policy", "not-trusted-by-policy", "CERT_UNTRUSTED", _SPECIFIC),
+    ("certificate has expired", "certificate-expired", None, _SPECIFIC),
+    ("certificate not yet valid", "validation-failure", "CERT_NOT_YET_VALID", _X509),
+    ("not designated for use as a", "validation-failure", "INVALID_PURPOSE", _X509),
+    ("certificate chain longer than limit", "validation-failure", "CERT_CHAIN_TOO_LONG", _X509),
+)  # fmt: skip
+
+
 def _verify_failure(text: str) -> tuple[Failure, str | None, int]:
     """Classify the text after C{certificate verification failed for H[A]:P: }."""
-    if text.startswith("untrusted issuer"):
-        return "untrusted-issuer", "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY", _SPECIFIC
-    if text.startswith("self-signed certificate"):
-        return "untrusted-issuer", "X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT", _SPECIFIC
-    if text.startswith("not trusted by local or TLSA policy"):
-        return "not-trusted-by-policy", "X509_V_ERR_CERT_UNTRUSTED", _SPECIFIC
-    if text.startswith("certificate has expired"):
-        return "certificate-expired", None, _SPECIFIC
-    if text.startswith("certificate not yet valid"):
-        return "validation-failure", "X509_V_ERR_CERT_NOT_YET_VALID", _X509
-    if text.startswith("not designated for use as a"):
-        return "validation-failure", "X509_V_ERR_INVALID_PURPOSE", _X509
-    if text.startswith("certificate chain longer than limit"):
-        return "validation-failure", "X509_V_ERR_CERT_CHAIN_TOO_LONG", _X509
+    for prefix, failure, code, rank in _VERIFY_TEXTS:
+        if text.startswith(prefix):
+            return failure, None if code is None else "X509_V_ERR_" + code, rank
     if text.startswith("external policy failure (") and text.endswith(")"):
         return "external", text[25:-1], _EXTERNAL
     if text.startswith("num="):
