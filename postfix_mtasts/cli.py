@@ -182,7 +182,12 @@ def _query(config: Config, args: argparse.Namespace) -> int:
     result: list[int] = []
 
     async def run(_reactor: Any) -> None:
-        answer = await resolver.query(args.domain)
+        try:
+            answer = await resolver.query(args.domain)
+        except StoreError as e:
+            print(f"postfix-mtasts: {e}", file=sys.stderr)
+            result.append(EXIT_FAILED)
+            return
         payload = answer.reply[answer.reply.index(b":") + 1 : -1].decode()
         if args.json:
             print(json.dumps(_answer_json(answer, payload, store), indent=2))

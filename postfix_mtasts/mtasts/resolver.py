@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import LRUCache, TLRUCache
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -398,7 +398,7 @@ class PolicyResolver:
             domains = self._store.due_for_refresh(now, REFRESH_BATCH)
         except StoreError as e:
             self.log.error("refresh: {error}", error=str(e))
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         work = [
             self._refresh_slots.run(self._refresh_one, domain, now)
             for domain in domains
@@ -445,7 +445,3 @@ def _until_pair(_key: str, value: tuple[str, float], _now: float) -> float:
 def iso_utc(timestamp: float) -> str:
     """``timestamp`` as an RFC 3339 UTC date-time, to the second."""
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-async def _nothing() -> None:
-    return None
