@@ -23,12 +23,9 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from parsedmarc import parse_report_email
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.mail import smtp
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from postfix_mtasts import __version__
 from postfix_mtasts.tlsrpt.deliver import (
@@ -47,7 +44,8 @@ from postfix_mtasts.tlsrpt.report import (
     report_filename,
     report_gzip,
 )
-from tests.httpsserver import PolicyServer, Reply, _PolicyHostProtocol, redirect, status
+from tests.collectors import MailServer, ReportServer
+from tests.httpsserver import Reply, redirect, status
 from tests.pki import SNIContextFactory, TestCA, untrusted_leaf
 
 DAY = datetime.date(2026, 11, 22)
@@ -285,96 +283,6 @@ def test_dkim_bad_key() -> None:
 # --- SMTP -----------------------------------------------------------------------------------
 
 
-@implementer(smtp.IMessage)
-class _StoredMessage:
-    """One incoming message, stored in its server's C{messages} at the end of DATA."""
-
-    def __init__(self, server: MailServer, mail_from: str, rcpt: str) -> None:
-        self._server = server
-        self._envelope = (mail_from, rcpt)
-        self._lines: list[bytes] = []
-
-    def lineReceived(self, line: bytes) -> None:
-        self._lines.append(line)
-
-    def eomReceived(self) -> Deferred[bytes]:
-        data = b"".join(line + b"\r\n" for line in self._lines)
-        self._server.messages.append((*self._envelope, data))
-        return succeed(b"")
-
-    def connectionLost(self) -> None:
-        """Nothing to clean up."""
-
-
-@implementer(smtp.IMessageDelivery)
-class _Delivery:
-    """Accepts every sender; refuses recipients with 550 if its server says so."""
-
-    def __init__(self, server: MailServer) -> None:
-        self._server = server
-        self._from = ""
-
-    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
-        return None  # store the message exactly as sent
-
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
-        self._server.helos.append(helo[0])
-        self._from = str(origin)
-        return origin
-
-    def validateTo(self, user: smtp.User) -> Any:
-        if self._server.refuse_rcpt:
-            raise smtp.SMTPBadRcpt(user)  # type: ignore[no-untyped-call]
-        rcpt = str(user.dest)
-        return lambda: _StoredMessage(self._server, self._from, rcpt)
-
-
-class _TestESMTP(smtp.ESMTP):
-    """Twisted's ESMTP server ending DATA with the reply its test server chooses."""
-
-    timeout: Any = None
-
-    def __init__(self, server: MailServer) -> None:
-        base: Any = super()
-        base.__init__()
-        self._server = server
-        self.delivery = _Delivery(server)
-
-    def _messageHandled(self, resultList: Any) -> None:
-        base: Any = super()
-        base.sendCode(self._server.final_code, self._server.final_text)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        base: Any = super()
-        base.connectionLost(reason)
-        self._server.closed.append(reason)
-
-
-class MailServer:
-    """A real ESMTP server on 127.0.0.1 storing C{(mail_from, rcpt, data)} per message."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.messages: list[tuple[str, str, bytes]] = []
-        self.closed: list[Failure] = []
-        self.helos: list[bytes] = []
-        self.final_code = 250
-        self.final_text = b"2.0.0 Ok: queued as ABC123"
-        self.refuse_rcpt = False
-        self._port: Any = None
-
-    async def start(self) -> int:
-        """Listen on an ephemeral port; return it."""
-        factory = Factory.forProtocol(lambda: _TestESMTP(self))
-        self._port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        port: int = self._port.getHost().port
-        return port
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        await self._port.stopListening()
-
-
 @pytest_twisted.async_yield_fixture
 async def mail_server(reactor: Any) -> AsyncIterator[MailServer]:
     """A running test ESMTP server."""
@@ -389,7 +297,7 @@ async def send(reactor: Any, server: MailServer, raw: bytes, timeout: float = 10
     return await send_mail(
         reactor,
         smtp_host="127.0.0.1",
-        smtp_port=server._port.getHost().port,
+        smtp_port=server.port,
         mail_from=MAIL_FROM,
         rcpt=RCPT,
         message=raw,
@@ -427,7 +335,7 @@ async def test_send_mail_helo_name(reactor: Any, mail_server: MailServer) -> Non
     await send_mail(
         reactor,
         smtp_host="127.0.0.1",
-        smtp_port=mail_server._port.getHost().port,
+        smtp_port=mail_server.port,
         mail_from=MAIL_FROM,
         rcpt=RCPT,
         message=message(),
@@ -546,56 +454,6 @@ async def test_send_mail_non_ascii_address(reactor: Any) -> None:
 PATH = "/tlsrpt"
 
 
-class _BodyReadingProtocol(_PolicyHostProtocol):
-    """The test server's protocol, reading the request body before answering.
-
-    The body (Content-Length bytes) goes to the server's C{bodies}; a path in the server's
-    C{silent} set gets no answer at all.
-    """
-
-    def __init__(self, server: ReportServer) -> None:
-        super().__init__(server)
-        self._report_server = server
-        self._body = b""
-        self._want = -1
-
-    def lineReceived(self, line: bytes) -> None:
-        if line or self._request is None:
-            super().lineReceived(line)
-            return
-        self._want = int(self._request.header("content-length") or 0)
-        self.setRawMode()  # type: ignore[no-untyped-call]
-
-    def rawDataReceived(self, data: bytes) -> None:
-        self._body += data
-        if self._request is None or self._want < 0 or len(self._body) < self._want:
-            return
-        self._want = -1
-        self._report_server.requests.append(self._request)
-        self._report_server.bodies.append(self._body)
-        if self._request.path in self._report_server.silent:
-            return
-        self._answer(self._report_server.reply_for(self._request.host, self._request.path))
-
-
-class ReportServer(PolicyServer):
-    """The HTTPS test server, also keeping request bodies and able to stay silent."""
-
-    def __init__(self, reactor: Any, context_factory: Any) -> None:
-        super().__init__(reactor, context_factory)
-        self.bodies: list[bytes] = []
-        self.silent: set[str] = set()
-
-    async def start(self, interface: str = "127.0.0.1", port: int = 0) -> int:
-        """Start listening on an ephemeral port; return it."""
-        factory = Factory.forProtocol(lambda: _BodyReadingProtocol(self))
-        endpoint = SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
-            self.reactor, port, self._context_factory, interface=interface
-        )
-        self._port = await endpoint.listen(factory)  # type: ignore[no-untyped-call]
-        return self.port
-
-
 @pytest_twisted.async_yield_fixture
 async def https_server(reactor: Any) -> AsyncIterator[ReportServer]:
     """A running HTTPS server with certificates from the test CA for any name."""
@@ -647,8 +505,8 @@ async def test_post_success(
         (status(500), False),
         (status(503), False),
         (status(429), False),
-        (status(404), True),
-        (status(413), True),
+        (status(404), False),
+        (status(413), False),
         (redirect(f"https://{HOST}/elsewhere"), False),
         (redirect(f"https://{HOST}/elsewhere", 307), False),
     ],
@@ -661,7 +519,7 @@ async def test_post_failure_status(
     reply: Reply,
     permanent: bool,
 ) -> None:
-    """Any answer but 2xx fails: 5xx, 429 and redirects temporarily, other 4xx permanently."""
+    """Any answer but 2xx is a temporary failure, to be retried: 4xx, 5xx and redirects."""
     https_server.set(HOST, reply, path=PATH)
     with pytest.raises(DeliveryError) as caught:
         await post(reactor, https_server, ca_file)
