@@ -87,7 +87,6 @@ SIGNED_HEADERS: tuple[bytes, ...] = (
 _log = Logger()
 
 _QUEUED_AS = re.compile(rb"queued as ([0-9A-Za-z]+)")
-_RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
 class DeliveryError(Exception):
@@ -376,8 +375,9 @@ def _status_error(code: int) -> DeliveryError:
     """The failure an HTTP status other than 2xx means."""
     if 300 <= code < 400:
         return DeliveryError(f"HTTP {code}: redirect not followed", permanent=False)
-    permanent = 400 <= code < 500 and code not in _RETRYABLE_4XX
-    return DeliveryError(f"HTTP {code}", permanent=permanent)
+    # reference/tlsrpt.md §5: every answer but 2xx is retried, 4xx included (a collector
+    # answering 404 or 413 while it is being set up or moved is common enough).
+    return DeliveryError(f"HTTP {code}", permanent=False)
 
 
 def _http_failure(e: Exception, creator: _CheckingCreator, port: int) -> DeliveryError:
@@ -424,8 +424,7 @@ async def post_https(
     trust store) and name the host; without, any certificate is accepted. One deadline of
     C{timeout} seconds covers the whole request. The answer's body is not read.
 
-    @raise DeliveryError: any answer but 2xx, or no answer. Temporary for 5xx, 408, 425, 429,
-        3xx, network, TLS and deadline failures; permanent for other 4xx and a bad URL.
+    @raise DeliveryError: any answer but 2xx, or no answer: temporary, except for a bad URL.
     """
     uri = _parse_url(url)
     host = uri.host.decode("ascii")
