@@ -32,11 +32,19 @@ from twisted.logger import (
 
 from postfix_mtasts import __version__
 from postfix_mtasts.config import Config, ConfigError, load_config
+from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
 from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
-from postfix_mtasts.tlsrpt.daily import day_reports
+from postfix_mtasts.tlsrpt.daily import DayReport, day_reports
 from postfix_mtasts.tlsrpt.ingest import Ingest, follow_into
+from postfix_mtasts.tlsrpt.outbox import (
+    DailySchedule,
+    Outbox,
+    outcome_lines,
+    queue_day,
+    read_dkim_key,
+)
 from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -80,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(report)
     report.add_argument("--day", type=_day, help="the UTC day, YYYY-MM-DD (default: yesterday)")
     report.add_argument("--out", metavar="DIR", type=Path, help="write each report to DIR")
+    report.add_argument(
+        "--send",
+        action="store_true",
+        help="queue the reports for their rua addresses and deliver what the outbox has due",
+    )
     return parser
 
 
@@ -218,6 +231,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     else:
         follower = LogFollower(source, ingest.position)
     progress = _Progress(follower, ingest)
+    dkim_key = read_dkim_key(config) if config.tlsrpt.send else None
     try:
         if args.once:
             for lines, position in follower.read_available():
@@ -230,7 +244,16 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             os.set_blocking(sys.stdin.buffer.fileno(), False)
 
         async def run(_reactor: Any) -> None:
-            await follow_into(reactor, follower, ingest, progress.handle)
+            schedule = None
+            if config.tlsrpt.send:
+                outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
+                schedule = DailySchedule(reactor, store, config, outbox, ingest.finish)
+                schedule.start()
+            try:
+                await follow_into(reactor, follower, ingest, progress.handle)
+            finally:
+                if schedule is not None:
+                    schedule.stop()
 
         react(lambda r: ensureDeferred(run(r)))  # exits through SystemExit
     except SystemExit as e:
@@ -280,18 +303,29 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     day = args.day or today - datetime.timedelta(days=1)
     if day >= today:
         _fail(EXIT_USAGE, f"--day: {day} has not finished yet (UTC)")
+    dkim_key = read_dkim_key(config) if args.send else None
     store = Store(config.store_path())
     try:
-        reports = day_reports(store, config.tlsrpt, day, time.time())
+        if args.send:
+            reports, _ = queue_day(store, config, day, time.time())
+        else:
+            reports = day_reports(store, config.tlsrpt, day, time.time())
+        code = _write_reports(reports, args.out, day)
+        if args.send:
+            code = max(code, _send(config, store, day, dkim_key))
     finally:
         store.close()
-    if args.out is not None:
+    return code
+
+
+def _write_reports(reports: list[DayReport], out: Path | None, day: datetime.date) -> int:
+    if out is not None:
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             for r in reports:
-                (args.out / r.filename).write_bytes(r.gz)
+                (out / r.filename).write_bytes(r.gz)
         except OSError as e:
-            _fail(EXIT_FAILED, f"--out: {e.strerror or e}: {e.filename or args.out}")
+            _fail(EXIT_FAILED, f"--out: {e.strerror or e}: {e.filename or out}")
     for r in reports:
         sessions = sum(
             p["summary"]["total-successful-session-count"]
@@ -303,6 +337,29 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     if not reports:
         print(f"no sessions were counted on {day}")
     return EXIT_OK
+
+
+def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | None) -> int:
+    """Deliver what the outbox has due; 1 when one of ``day``'s reports was given up."""
+    from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    async def run(_reactor: Any) -> None:
+        outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
+        await outbox.deliver_due()
+
+    try:
+        react(lambda r: ensureDeferred(run(r)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_FAILED
+    rows = store.outbox(day.isoformat())
+    if rows:
+        print(outcome_lines(rows))
+    return EXIT_FAILED if any(r.state in ("failed", "expired") for r in rows) else EXIT_OK
+
+
+def _dns(config: Config, reactor: Any) -> DNSClient:
+    return DNSClient(reactor, parse_nameservers(config.dns.nameservers), config.dns.timeout)
 
 
 def _answer_json(answer: Answer, payload: str, store: Store) -> dict[str, Any]:

@@ -138,6 +138,9 @@ class TLSRPTConfig:
     smtp: str = "127.0.0.1:25"
     sending_mta_ip: tuple[str, ...] = ()
     """Outbound addresses, in canonical text (RFC 5952 for IPv6)."""
+    verify_https: bool = True
+    """Whether an ``https:`` report endpoint's certificate must be valid (RFC 8460 §3 lets a
+    sender ignore it)."""
     send: bool = False
     send_delay: float = 14400.0
     """Seconds after UTC midnight, at most, before a finished day's reports are sent."""
@@ -153,6 +156,12 @@ class TLSRPTConfig:
         if self.contact_info:
             return _contact_domain(self.contact_info)
         return ""
+
+    @property
+    def sender(self) -> str:
+        """The envelope sender of report mail: ``mail_from``, else ``tlsrpt-noreply@`` the
+        submitter domain."""
+        return self.mail_from or f"tlsrpt-noreply@{self.submitter_domain}"
 
     @property
     def smtp_address(self) -> tuple[str, int]:
@@ -369,6 +378,7 @@ def _tlsrpt(t: _Table, dkim: DKIMConfig) -> TLSRPTConfig:
             t.valid("sending_mta_ip", ip, _ip)
             for ip in t.strings("sending_mta_ip", d.sending_mta_ip)
         ),
+        verify_https=t.boolean("verify_https", d.verify_https),
         send=t.boolean("send", d.send),
         send_delay=t.number("send_delay", d.send_delay, 0, MAX_SEND_DELAY, low_open=False),
         log_timezone=log_timezone,

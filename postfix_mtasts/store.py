@@ -88,6 +88,42 @@ CREATE TABLE IF NOT EXISTS reports (
     created_at    REAL NOT NULL,
     PRIMARY KEY (day, policy_domain)
 ) WITHOUT ROWID;
+-- Reports queued for delivery: the bytes sent, kept until every destination is done.
+CREATE TABLE IF NOT EXISTS outbox_reports (
+    day           TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,
+    report_id     TEXT NOT NULL,
+    filename      TEXT NOT NULL,
+    summary       TEXT NOT NULL,  -- the text part of report mail
+    gz            BLOB,           -- NULL once no destination waits for it
+    queued_at     REAL NOT NULL,
+    PRIMARY KEY (day, policy_domain)
+) WITHOUT ROWID;
+-- One row per report and destination: a rua URI, or "" for looking up the _smtp._tls record
+-- ('resolved' once found).  Retried with back-off until delivered, refused or 24 hours old
+-- (RFC 8460 §5.5); 'dropped' when another destination took the report, or none exists.
+CREATE TABLE IF NOT EXISTS outbox (
+    day           TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN
+                  ('pending', 'resolved', 'sent', 'failed', 'expired', 'dropped')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    first_at      REAL,           -- the first attempt
+    next_at       REAL NOT NULL,  -- when a pending row is due
+    last_error    TEXT NOT NULL DEFAULT '',
+    queue_id      TEXT NOT NULL DEFAULT '',
+    done_at       REAL,
+    PRIMARY KEY (day, policy_domain, destination)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
+-- Queue ids of report mail handed to the local MTA: the tailer skips their sessions, so a
+-- report's own delivery is never counted in the next report (reference/tlsrpt.md §6).
+CREATE TABLE IF NOT EXISTS report_mail (
+    id       INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL,
+    at       REAL NOT NULL
+);
 """
 
 CountRow = tuple[str, str, str, str, str, str, str, str, str]
@@ -97,6 +133,40 @@ CountRow = tuple[str, str, str, str, str, str, str, str, str]
 _EVENTS = (
     "SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type,"
     " detail FROM policy_events "
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedReport:
+    """One report to deliver, as the outbox keeps it."""
+
+    day: str
+    policy_domain: str
+    report_id: str
+    filename: str
+    summary: str
+    gz: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One report and destination in the outbox."""
+
+    day: str
+    policy_domain: str
+    destination: str
+    state: str
+    attempts: int
+    first_at: float | None
+    next_at: float
+    last_error: str
+    queue_id: str
+    done_at: float | None
+
+
+_OUTBOX = (
+    "SELECT day, policy_domain, destination, state, attempts, first_at, next_at, last_error,"
+    " queue_id, done_at FROM outbox "
 )
 
 
@@ -368,6 +438,143 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the store: {e}") from e
         return str(row[0])
+
+    def meta(self, key: str) -> str | None:
+        """A value kept in ``meta``, ``None`` when unset."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key`` in ``meta``."""
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    # -- the outbox -----------------------------------------------------------------------
+
+    def queue_report(self, report: QueuedReport, due: float, now: float) -> bool:
+        """Queue ``report``, its destinations to be looked up at ``due``; ``False`` (and
+        nothing changed) when that day's report for that domain was queued before."""
+        try:
+            with self._transaction():
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox_reports (day, policy_domain, report_id,"
+                    " filename, summary, gz, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        report.day,
+                        report.policy_domain,
+                        report.report_id,
+                        report.filename,
+                        report.summary,
+                        report.gz,
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    return False
+                self._db.execute(
+                    "INSERT INTO outbox (day, policy_domain, destination, state, next_at)"
+                    " VALUES (?, ?, '', 'pending', ?)",
+                    (report.day, report.policy_domain, due),
+                )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+        return True
+
+    def queued_report(self, day: str, policy_domain: str) -> QueuedReport | None:
+        """The queued report of ``day`` and ``policy_domain``, while a destination waits."""
+        rows = self._read(
+            "SELECT day, policy_domain, report_id, filename, summary, gz FROM outbox_reports"
+            " WHERE day = ? AND policy_domain = ? AND gz IS NOT NULL",
+            (day, policy_domain),
+        )
+        return QueuedReport(*rows[0]) if rows else None
+
+    def outbox_due(self, now: float, limit: int = 1000) -> list[OutboxRow]:
+        """Pending rows due at ``now``, the longest waiting first."""
+        rows = self._read(
+            _OUTBOX + "WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
+            (now, limit),
+        )
+        return [OutboxRow(*row) for row in rows]
+
+    def outbox_next(self) -> float | None:
+        """When the next pending row is due, ``None`` when none is pending."""
+        rows = self._read("SELECT min(next_at) FROM outbox WHERE state = 'pending'")
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def outbox(self, day: str | None = None, policy_domain: str | None = None) -> list[OutboxRow]:
+        """The outbox rows (of ``day``, and ``policy_domain``, when given), in key order."""
+        params: tuple[str, ...] = ()
+        if day is None:
+            where = ""
+        elif policy_domain is None:
+            where, params = "WHERE day = ? ", (day,)
+        else:
+            where, params = "WHERE day = ? AND policy_domain = ? ", (day, policy_domain)
+        rows = self._read(_OUTBOX + where + "ORDER BY day, policy_domain, destination", params)
+        return [OutboxRow(*row) for row in rows]
+
+    def claim_outbox(self, row: OutboxRow, until: float) -> bool:
+        """Take the pending ``row`` for an attempt by moving its due time to ``until``, so that
+        no other process tries it meanwhile; ``False`` when it has changed since it was read."""
+        try:
+            cur = self._db.execute(
+                "UPDATE outbox SET next_at = ? WHERE day = ? AND policy_domain = ?"
+                " AND destination = ? AND state = 'pending' AND next_at = ?",
+                (until, row.day, row.policy_domain, row.destination, row.next_at),
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+        return cur.rowcount == 1
+
+    def update_outbox(self, row: OutboxRow, destinations: tuple[str, ...] = ()) -> None:
+        """Save ``row`` (found by its day, domain and destination); add pending rows due at
+        ``row.next_at`` for ``destinations``; record a queue id of report mail; drop the
+        report's bytes once nothing waits for them."""
+        key = (row.day, row.policy_domain)
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE outbox SET state = ?, attempts = ?, first_at = ?, next_at = ?,"
+                    " last_error = ?, queue_id = ?, done_at = ?"
+                    " WHERE day = ? AND policy_domain = ? AND destination = ?",
+                    (
+                        row.state,
+                        row.attempts,
+                        row.first_at,
+                        row.next_at,
+                        row.last_error,
+                        row.queue_id,
+                        row.done_at,
+                        *key,
+                        row.destination,
+                    ),
+                )
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox (day, policy_domain, destination, state,"
+                    " next_at) VALUES (?, ?, ?, 'pending', ?)",
+                    [(*key, d, row.next_at) for d in destinations],
+                )
+                if row.queue_id:
+                    self._db.execute(
+                        "INSERT INTO report_mail (queue_id, at) VALUES (?, ?)",
+                        (row.queue_id, row.done_at or row.next_at),
+                    )
+                self._db.execute(
+                    "UPDATE outbox_reports SET gz = NULL WHERE day = ? AND policy_domain = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM outbox WHERE day = ? AND policy_domain = ?"
+                    " AND state = 'pending')",
+                    (*key, *key),
+                )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+
+    def report_mail_ids(self, after: int = 0) -> tuple[list[str], int]:
+        """Queue ids of report mail recorded after row ``after``, and the last row's number."""
+        rows = self._read("SELECT id, queue_id FROM report_mail WHERE id > ? ORDER BY id", (after,))
+        return [qid for _, qid in rows], (rows[-1][0] if rows else after)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -78,7 +78,8 @@ async def postmap(reactor: Any, key: str, map_spec: str) -> tuple[str, str, int]
 
 
 class Daemon:
-    """``postfix-mtasts serve -c CONFIG`` as a child process, stopped by the test."""
+    """``postfix-mtasts serve -c CONFIG`` (or other ``args``) as a child process, stopped by
+    the test."""
 
     def __init__(self, config: Path, log: Path, pass_fds: Sequence[int] = (), **env: str):
         self.config = config
@@ -87,10 +88,10 @@ class Daemon:
         self.env = environment() | env
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, prefix: Sequence[str] = ()) -> None:
+    def start(self, prefix: Sequence[str] = (), args: Sequence[str] = ("serve",)) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [*prefix, *PROGRAM, "serve", "-c", str(self.config)],
+                [*prefix, *PROGRAM, *args, "-c", str(self.config)],
                 stdout=log,
                 stderr=log,
                 env=self.env,
