@@ -79,6 +79,25 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus ``/metrics`` pages, off unless an endpoint is set."""
+
+    serve: str = ""
+    """Where ``serve`` publishes its metrics, e.g. ``tcp:9461``."""
+    tail: str = ""
+    """Where the ``tail`` service publishes its metrics, e.g. ``tcp:9462``."""
+
+    @staticmethod
+    def loopback(endpoint: str) -> str:
+        """``endpoint`` with ``interface=`` set to loopback when a ``tcp``/``tcp6`` one has
+        none: metrics are not published beyond the host unless asked for."""
+        args, kwargs = _ENDPOINT_PARSE(endpoint)
+        if args[0] in ("tcp", "tcp6") and "interface" not in kwargs:
+            return endpoint + (r":interface=\:\:1" if args[0] == "tcp6" else ":interface=127.0.0.1")
+        return endpoint
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     """``[dns]``: how policy records are looked up."""
 
@@ -193,6 +212,7 @@ class Config:
     zones: Mapping[str, ReplyOptions] = field(default_factory=_default_zones)
     """Reply options per socketmap name; always has ``postfix``."""
     tlsrpt: TLSRPTConfig = TLSRPTConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = DEFAULTS_SOURCE
     """The file read, or ``<defaults>``."""
 
@@ -279,7 +299,7 @@ def parse_config(text: str, source: str) -> Config:
 
 def _build(data: Mapping[str, object], source: str) -> Config:
     root = _Table(source, "", data)
-    sections = {"server", "dns", "https", "store", "zones", "tlsrpt"}
+    sections = {"server", "dns", "https", "store", "zones", "tlsrpt", "metrics"}
     root.check_keys(sections)
     tlsrpt = root.table("tlsrpt")
     config = Config(
@@ -289,6 +309,7 @@ def _build(data: Mapping[str, object], source: str) -> Config:
         store=StoreConfig(path=root.table("store").check_keys({"path"}).string("path")),
         zones=_zones(root.table("zones")),
         tlsrpt=_tlsrpt(tlsrpt, _dkim(tlsrpt.table("dkim"))),
+        metrics=_metrics(root.table("metrics")),
         source=source,
     )
     for key in _REPORTING_KEYS if config.tlsrpt.send else ():
@@ -305,6 +326,15 @@ def _server(t: _Table) -> ServerConfig:
     for entry in listen:
         t.valid("listen", entry, _check_endpoint)
     return ServerConfig(listen=listen)
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    t.check_keys({"serve", "tail"})
+    endpoints = {key: t.string(key) for key in ("serve", "tail")}
+    for key, endpoint in endpoints.items():
+        if endpoint:
+            t.valid(key, endpoint, _check_endpoint)
+    return MetricsConfig(**endpoints)
 
 
 def _dns(t: _Table) -> DNSConfig:

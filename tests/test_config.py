@@ -20,6 +20,7 @@ from postfix_mtasts.config import (
     DKIMConfig,
     DNSConfig,
     HTTPSConfig,
+    MetricsConfig,
     ServerConfig,
     StoreConfig,
     TLSRPTConfig,
@@ -61,6 +62,9 @@ log_timezone = "Europe/Berlin"
 domain = "example.org"
 selector = "tlsrpt"
 key_file = "/etc/dkim/tlsrpt.pem"
+[metrics]
+serve = "tcp:9461"
+tail = "unix:/run/postfix-mtasts/tail-metrics.sock"
 """
 
 
@@ -151,6 +155,9 @@ def test_full_file(tmp_path: Path) -> None:
     assert t.dkim == DKIMConfig("example.org", "tlsrpt", "/etc/dkim/tlsrpt.pem")
     assert t.dkim.enabled
     config.require_reporting()
+    assert config.metrics == MetricsConfig(
+        serve="tcp:9461", tail="unix:/run/postfix-mtasts/tail-metrics.sock"
+    )
 
 
 def test_config_is_immutable() -> None:
@@ -310,6 +317,26 @@ def test_bad_endpoints(entry: str, problem: str) -> None:
     """A listen entry that is not a usable endpoint string names [server] listen and the entry."""
     text = f"[server]\nlisten = ['tcp:8461', {_toml(entry)}]"
     assert _error(text) == f"/etc/x.toml: [server] listen: {entry!r}: {problem}"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("tcp:9461", "tcp:9461:interface=127.0.0.1"),
+        ("tcp6:9461", r"tcp6:9461:interface=\:\:1"),
+        ("tcp:9461:interface=0.0.0.0", "tcp:9461:interface=0.0.0.0"),
+        ("unix:/run/m.sock", "unix:/run/m.sock"),
+    ],
+)
+def test_metrics_listen_on_loopback_unless_told(endpoint: str, expected: str) -> None:
+    """A metrics endpoint without an interface listens on loopback only."""
+    config = parse_config(f"[metrics]\nserve = {_toml(endpoint)}", "f")
+    assert MetricsConfig.loopback(config.metrics.serve) == expected
+
+
+def test_bad_metrics_endpoint() -> None:
+    """A metrics endpoint that is not an endpoint string names its key."""
+    assert _error('[metrics]\ntail = "http:9462"').startswith("/etc/x.toml: [metrics] tail: ")
 
 
 def test_listen_must_not_be_empty() -> None:
@@ -543,6 +570,7 @@ def test_example_file_lists_every_key() -> None:
         "https": HTTPSConfig,
         "store": StoreConfig,
         "tlsrpt": TLSRPTConfig,
+        "metrics": MetricsConfig,
     }
     for name, cls in sections.items():
         assert set(example[name]) == {f.name for f in dataclasses.fields(cls)}
