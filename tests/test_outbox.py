@@ -316,6 +316,7 @@ async def test_https_retried_after_500(setup: Setup) -> None:
     setup.later()
     assert await outbox.deliver_due() == {"sent": 1}
     assert setup.states()[setup.url] == ("sent", 2)
+    assert outbox.totals == {"resolved": 1, "pending": 1, "sent": 1}
     assert len(setup.web.bodies) == 2 and setup.web.bodies[0] == setup.web.bodies[1]
     check_report(setup.web.bodies[1])
 
@@ -460,6 +461,7 @@ def test_schedule_waits_for_the_grace_after_midnight(store: Store) -> None:
     clock.advance(2)
     assert schedule.queue_due_days() == [DAY]
     assert before.count == 2 and store.meta(QUEUED_THROUGH) == DAY.isoformat()
+    assert schedule.built == 1
     [lookup] = store.outbox()
     assert lookup.next_at == clock.seconds() + 3600.0  # the random delay, here its maximum
     assert schedule.queue_due_days() == [] and before.count == 2

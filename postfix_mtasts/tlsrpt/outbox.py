@@ -190,6 +190,8 @@ class Outbox:
         self._spread = spread
         self._timeout = timeout
         self._limit = DeferredSemaphore(CONCURRENCY)
+        self.totals: Counter[str] = Counter()
+        """Attempts so far by the state they left their row in (``pending``: to be retried)."""
 
     async def deliver_due(self) -> Counter[str]:
         """Attempt every due row (and the destinations their lookups find); returns how many
@@ -202,6 +204,7 @@ class Outbox:
             attempts = [self._limit.run(self._guarded, row) for row in rows]
             for _, state in await DeferredList(attempts):
                 outcome[state] += 1
+        self.totals.update(outcome)
         return outcome
 
     async def _guarded(self, row: OutboxRow) -> str:
@@ -383,6 +386,8 @@ class DailySchedule:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._interval = interval
+        self.built = 0
+        """Reports built so far."""
 
     def start(self) -> None:
         """Tick now and every ``interval`` seconds."""
@@ -430,6 +435,7 @@ class DailySchedule:
             reports, new = queue_day(
                 self._store, self._config, day, now, lambda: self._uniform(0.0, delay)
             )
+            self.built += len(reports)
             log.info(
                 "reports of {day}: {n} built, {new} queued",
                 day=day.isoformat(),
