@@ -241,6 +241,36 @@ async def test_only_final_target_records_kept(reactor: Any) -> None:
         await raw.port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_other_class_ignored(reactor: Any) -> None:
+    """Answer records of another class than IN do not count."""
+
+    def respond(query: dns.message.Message) -> list[bytes]:
+        response = dns.message.make_response(query)
+        name = query.question[0].name
+        response.answer.append(dns.rrset.from_text(name, 300, "CH", "TXT", '"chaos"'))
+        response.answer.append(dns.rrset.from_text(name, 300, "IN", "TXT", '"internet"'))
+        return [response.to_wire()]
+
+    raw = start_raw(reactor, respond)
+    try:
+        client = DNSClient(reactor, [("127.0.0.1", raw.port.getHost().port)])
+        assert await client.txt(STS) == [b"internet"]
+    finally:
+        await raw.port.stopListening()
+
+
+@pytest.mark.parametrize(
+    ("name", "rdtype"),
+    [("_mta-sts.Example.test.", "TXT"), ("mta-sts.example.test.", "A"), ("x.", "AAAA")],
+)
+def test_query_is_dnspythons_rendering(name: str, rdtype: str) -> None:
+    """A query's wire form is what dnspython renders for the same id, name and type."""
+    query = _Query(dns.name.from_text(name), dns.rdatatype.from_text(rdtype))
+    expected = dns.message.make_query(name, rdtype, use_edns=0, payload=1232, id=query.id)
+    assert query.to_wire() == expected.to_wire()
+
+
 # --- failures and fallback ---------------------------------------------------------------------
 
 
@@ -338,7 +368,7 @@ async def test_fallback_after_silence(
 
 @pytest.mark.parametrize(
     "forgery",
-    ["wrong-id", "wrong-question", "not-a-response", "garbage", "other-port"],
+    ["wrong-id", "wrong-question", "not-a-response", "garbage", "cut-short", "other-port"],
 )
 @pytest_twisted.ensureDeferred
 async def test_forged_datagram_ignored(reactor: Any, forgery: str) -> None:
@@ -358,6 +388,9 @@ async def test_forged_datagram_ignored(reactor: Any, forgery: str) -> None:
         forged_wire = forged.to_wire()
         if forgery == "garbage":
             forged_wire = query.id.to_bytes(2, "big") + b"\x81\x80garbage"
+        elif forgery == "cut-short":  # the right header and question, a broken answer
+            forged.use_edns(False)
+            forged_wire = forged.to_wire()[:-3]
         if forgery == "other-port":
             other.write(forged_wire, raw.peers[-1])
             return [genuine]

@@ -40,6 +40,7 @@ import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
+import dns.wire
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress
@@ -171,19 +172,18 @@ class _Timeout(Exception):
     """One attempt at one server got no answer in time."""
 
 
-def _expire(answered: Deferred[dns.message.Message]) -> None:
+def _expire(answered: Deferred[_Response]) -> None:
     if not answered.called:
         answered.errback(_Timeout())
 
 
-@functools.lru_cache(maxsize=4096)
-def _template(labels: tuple[bytes, ...], rdtype: dns.rdatatype.RdataType) -> tuple[bytes, int]:
-    """A rendered query (id 0) for the name with exactly these ``labels`` (names compare
-    case-insensitively, but the query keeps the case it was asked in), and the length of
-    its question."""
-    query = dns.message.make_query(dns.name.Name(labels), rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+@functools.cache
+def _template(rdtype: dns.rdatatype.RdataType) -> bytes:
+    """A query of type ``rdtype`` for the root name, as dnspython renders it (id 0, RD, EDNS
+    with our payload): the header, a one-byte name, type and class, then the OPT record."""
+    query = dns.message.make_query(dns.name.root, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
     query.id = 0
-    return query.to_wire(), sum(len(label) + 1 for label in labels) + 4
+    return query.to_wire()
 
 
 _QUESTION_OPTIONAL = frozenset(
@@ -192,19 +192,24 @@ _QUESTION_OPTIONAL = frozenset(
 
 
 class _Query:
-    """One query message: rendered once per name and type, sent with a fresh random id.
+    """One query message, sent with a fresh random id.
 
-    Building, rendering and checking dnspython messages is most of the CPU a lookup costs;
-    the wire form of a query differs between two lookups of the same name only in its id.
+    Rendering a dnspython message costs more than the rest of a lookup, and queries differ
+    only in id, name and type: so the message is dnspython's rendering of a query for the
+    root name of the type (made once per type), with the id and dnspython's wire form of
+    the name put in. The name keeps the case it was asked in.
     """
 
-    __slots__ = ("_question", "_wire", "id")
+    __slots__ = ("_question", "_wire", "id", "rdtype")
 
     def __init__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
-        template, length = _template(qname.labels, rdtype)
+        template = _template(rdtype)
+        name = qname.to_wire()
+        assert name is not None  # to_wire() without a file returns the bytes
         self.id = secrets.randbits(16)
-        self._wire = self.id.to_bytes(2, "big") + template[2:]
-        self._question = template[12 : 12 + length].lower()
+        self.rdtype = rdtype
+        self._wire = b"".join((self.id.to_bytes(2, "big"), template[2:12], name, template[13:]))
+        self._question = (name + template[13:17]).lower()
 
     def to_wire(self) -> bytes:
         return self._wire
@@ -220,18 +225,62 @@ class _Query:
             return wire[12:end].lower() == self._question
         return wire[4:6] == b"\x00\x00" and (wire[3] & 0x0F) in _QUESTION_OPTIONAL
 
+    @property
+    def question_end(self) -> int:
+        """Where the answer section starts in a response that repeats our question."""
+        return 12 + len(self._question)
 
-def _response_to(query: _Query, wire: bytes) -> dns.message.Message | None:
-    """The message in ``wire`` if it answers ``query``, else None."""
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    """What a lookup uses of a response: its RCODE, its TC flag, and the records of its
+    answer section that are of class IN and of the asked type or CNAME, as ``(owner,
+    rdata)`` in wire order (empty unless the RCODE is NOERROR and TC is clear)."""
+
+    rcode: int
+    truncated: bool
+    records: list[tuple[dns.name.Name, dns.rdata.Rdata]]
+
+    def cname(self, owner: dns.name.Name) -> dns.name.Name | None:
+        """The target of ``owner``'s CNAME in the answer, if there is one."""
+        for name, rdata in self.records:
+            if isinstance(rdata, dns.rdtypes.ANY.CNAME.CNAME) and name == owner:
+                return rdata.target
+        return None
+
+    def rdatas(self, owner: dns.name.Name, rdtype: int) -> list[dns.rdata.Rdata]:
+        """``owner``'s records of type ``rdtype`` in the answer."""
+        return [r for name, r in self.records if r.rdtype == rdtype and name == owner]
+
+
+def _response_to(query: _Query, wire: bytes) -> _Response | None:
+    """The response in ``wire`` if it answers ``query``, else None.
+
+    Only the header and the answer section are read, with dnspython's wire parser and rdata
+    decoders: building a whole dnspython message costs several times more, and the other
+    sections say nothing a stub resolver uses here. (The extended RCODE bits of an OPT
+    record are not read: they only signal EDNS versions and cookies, which we do not send.)
+    """
     if not query.answered_by(wire):
         return None
+    rcode, truncated = wire[3] & 0x0F, bool(wire[2] & dns.flags.TC >> 8)
+    records: list[tuple[dns.name.Name, dns.rdata.Rdata]] = []
+    if rcode != dns.rcode.NOERROR or truncated:
+        return _Response(rcode, truncated, records)
     try:
-        response = dns.message.from_wire(wire, raise_on_truncation=True)
-    except dns.message.Truncated as truncated:
-        response = truncated.message()  # type: ignore[no-untyped-call]
+        parser = dns.wire.Parser(wire, query.question_end)
+        for _ in range(int.from_bytes(wire[6:8], "big")):
+            owner = parser.get_name(decompress=True)
+            rrtype, rrclass, _ttl, length = parser.get_struct("!HHIH")
+            if rrclass != _IN or rrtype not in (query.rdtype, dns.rdatatype.CNAME):
+                parser.seek(parser.current + length)
+                continue
+            with parser.restrict_to(length):
+                rdata = dns.rdata.from_wire_parser(rrclass, rrtype, parser)
+            records.append((owner, rdata))
     except Exception:  # noqa: BLE001 - untrusted bytes: whatever fails to parse is not an answer
         return None
-    return response
+    return _Response(rcode, truncated, records)
 
 
 class _UDPExchange(DatagramProtocol):
@@ -244,7 +293,7 @@ class _UDPExchange(DatagramProtocol):
         self,
         query: _Query,
         server: _Server,
-        answered: Deferred[dns.message.Message],
+        answered: Deferred[_Response],
     ) -> None:
         self._query = query
         self._server = server
@@ -273,7 +322,7 @@ class _TCPExchange(Int16StringReceiver):
     def __init__(
         self,
         query: _Query,
-        answered: Deferred[dns.message.Message],
+        answered: Deferred[_Response],
         on_sent: Callable[[], None],
     ) -> None:
         self._query = query
@@ -297,7 +346,7 @@ class _TCPFactory(ClientFactory):
         self,
         query: _Query,
         server: _Server,
-        answered: Deferred[dns.message.Message],
+        answered: Deferred[_Response],
         on_sent: Callable[[], None],
     ) -> None:
         self._query = query
@@ -327,14 +376,6 @@ def _name(text: str) -> dns.name.Name:
         return dns.name.from_text(text.encode("ascii"))
     except (UnicodeError, dns.exception.DNSException) as e:
         raise ValueError(f"bad DNS name {text!r}: {e}") from None
-
-
-def _cname_target(response: dns.message.Message, owner: dns.name.Name) -> dns.name.Name | None:
-    rrset = response.get_rrset(response.answer, owner, _IN, dns.rdatatype.CNAME)
-    for rdata in rrset or ():
-        if isinstance(rdata, dns.rdtypes.ANY.CNAME.CNAME):
-            return rdata.target
-    return None
 
 
 def _host(name: dns.name.Name) -> str:
@@ -432,25 +473,25 @@ class DNSClient:
         seen = {qname}
         while True:
             response = await self._query(qname, rdtype, deadline)
-            if response.rcode() == dns.rcode.NXDOMAIN:
+            if response.rcode == dns.rcode.NXDOMAIN:
                 return []
             owner = qname
-            while (target := _cname_target(response, owner)) is not None:
+            while (target := response.cname(owner)) is not None:
                 if target in seen or len(seen) > MAX_CNAME_HOPS:
                     _log.debug("CNAME loop or chain over {hops} hops", hops=MAX_CNAME_HOPS)
                     return []
                 seen.add(target)
                 owner = target
-            records = response.get_rrset(response.answer, owner, _IN, rdtype)
-            if records is not None:
-                return list(records)
+            records = response.rdatas(owner, rdtype)
+            if records:
+                return records
             if owner == qname:
                 return []
             qname = owner
 
     async def _query(
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
-    ) -> dns.message.Message:
+    ) -> _Response:
         """A NOERROR or NXDOMAIN response from one of the servers, else DNSFailure."""
         live = list(self._servers)
         reason = f"no answer within {self._timeout:g} s"
@@ -467,10 +508,10 @@ class DNSClient:
                     reason = str(failure)
                     live.remove(server)
                     continue
-                rcode = response.rcode()
+                rcode = response.rcode
                 if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
                     return response
-                reason = f"{dns.rcode.to_text(rcode)} from {server.label}"
+                reason = f"{dns.rcode.to_text(dns.rcode.Rcode.make(rcode))} from {server.label}"
                 live.remove(server)
         raise DNSFailure(reason)
 
@@ -480,11 +521,11 @@ class DNSClient:
         rdtype: dns.rdatatype.RdataType,
         server: _Server,
         deadline: float,
-    ) -> dns.message.Message:
+    ) -> _Response:
         """One attempt: a fresh query over UDP, then over TCP if the answer was truncated."""
         query = _Query(qname, rdtype)
         response = await self._udp(query, server, self._wait(deadline))
-        if response.flags & dns.flags.TC:
+        if response.truncated:
             response = await self._tcp(query, server, self._wait(deadline))
         return response
 
@@ -494,8 +535,8 @@ class DNSClient:
             raise _Timeout()
         return wait
 
-    async def _udp(self, query: _Query, server: _Server, wait: float) -> dns.message.Message:
-        answered: Deferred[dns.message.Message] = Deferred()
+    async def _udp(self, query: _Query, server: _Server, wait: float) -> _Response:
+        answered: Deferred[_Response] = Deferred()
         interface = "::" if server.address.version == 6 else "0.0.0.0"
         try:
             port = self._reactor.listenUDP(
@@ -518,8 +559,8 @@ class DNSClient:
             if stopped is not None:
                 await stopped
 
-    async def _tcp(self, query: _Query, server: _Server, wait: float) -> dns.message.Message:
-        answered: Deferred[dns.message.Message] = Deferred()
+    async def _tcp(self, query: _Query, server: _Server, wait: float) -> _Response:
+        answered: Deferred[_Response] = Deferred()
         factory = _TCPFactory(query, server, answered, self._count_sent)
         connector = self._reactor.connectTCP(server.host, server.port, factory, timeout=wait)
         timer = self._reactor.callLater(wait, _expire, answered)
