@@ -42,6 +42,7 @@ from postfix_mtasts.tlsrpt.outbox import (
     DailySchedule,
     Outbox,
     outcome_lines,
+    prune,
     queue_day,
     read_dkim_key,
 )
@@ -308,6 +309,7 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.send:
             reports, _ = queue_day(store, config, day, time.time())
+            prune(store, time.time())
         else:
             reports = day_reports(store, config.tlsrpt, day, time.time())
         code = _write_reports(reports, args.out, day)

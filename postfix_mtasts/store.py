@@ -571,6 +571,29 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the store: {e}") from e
 
+    def prune_reporting(self, before_day: str, before: float) -> int:
+        """Forget counts, report ids and finished outbox rows of days before ``before_day``,
+        and report mail queue ids recorded before ``before``; returns the rows deleted."""
+        deleted = 0
+        try:
+            with self._transaction():
+                for sql, param in (
+                    ("DELETE FROM session_counts WHERE day < ?", before_day),
+                    ("DELETE FROM reports WHERE day < ?", before_day),
+                    ("DELETE FROM outbox WHERE day < ? AND state != 'pending'", before_day),
+                    (
+                        "DELETE FROM outbox_reports WHERE day < ? AND NOT EXISTS (SELECT 1"
+                        " FROM outbox o WHERE o.day = outbox_reports.day"
+                        " AND o.policy_domain = outbox_reports.policy_domain)",
+                        before_day,
+                    ),
+                    ("DELETE FROM report_mail WHERE at < ?", before),
+                ):
+                    deleted += self._db.execute(sql, (param,)).rowcount
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write the store: {e}") from e
+        return deleted
+
     def report_mail_ids(self, after: int = 0) -> tuple[list[str], int]:
         """Queue ids of report mail recorded after row ``after``, and the last row's number."""
         rows = self._read("SELECT id, queue_id FROM report_mail WHERE id > ? ORDER BY id", (after,))

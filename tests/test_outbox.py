@@ -35,6 +35,7 @@ from postfix_mtasts.tlsrpt.outbox import (
     Outbox,
     after_failure,
     outcome_lines,
+    prune,
     queue_day,
     retry_delay,
     summary_text,
@@ -184,6 +185,24 @@ def test_queue_day_is_idempotent(store: Store) -> None:
     assert [(r.destination, r.state, r.next_at) for r in store.outbox()] == [("", "pending", 160.0)]
     kept = store.queued_report(DAY.isoformat(), DOMAIN)
     assert kept is not None and kept.gz == reports[0].gz
+
+
+def test_prune_forgets_old_reporting_data(store: Store) -> None:
+    """Counts, ids and finished rows older than KEEP_DAYS go; waiting rows and newer days stay."""
+    now = MIDNIGHT + 25 * 86400  # 2026-12-18: days before 2026-11-16 go
+    old = CountKey("2026-11-01", POLICY, "success")
+    store.commit_counts("mail.log", None, {count_row(old): 1}, 0.0)
+    queue_day(store, config_for(), datetime.date(2026, 11, 1), 0.0)
+    queue_day(store, config_for(), DAY, 0.0)
+    [lookup, _] = store.outbox()
+    store.update_outbox(dataclasses.replace(lookup, state="dropped", done_at=1.0))
+    store.update_outbox(dataclasses.replace(store.outbox()[1], queue_id="OLD1", done_at=1.0))
+    assert prune(store, now) > 0
+    assert store.day_counts("2026-11-01") == []
+    assert len(store.day_counts(DAY.isoformat())) == 2
+    assert [(r.day, r.state) for r in store.outbox()] == [(DAY.isoformat(), "pending")]
+    assert store.report_mail_ids() == ([], 0)
+    assert store.queued_report("2026-11-01", DOMAIN) is None
 
 
 # --- delivery against real servers ----------------------------------------------------------

@@ -59,6 +59,9 @@ BUILD_GRACE = 300.0
 the last lines of the day have reached the log."""
 CATCH_UP_DAYS = 7
 """How many missed days the ``tail`` service queues when it was not running at midnight."""
+KEEP_DAYS = 32
+"""Days of counts, report ids and finished outbox rows kept (``report --day`` can rebuild
+any of them); report mail queue ids are kept for :data:`CATCH_UP_DAYS`."""
 QUEUED_THROUGH = "reports_queued_through"
 """The ``meta`` key holding the last day the ``tail`` service queued."""
 
@@ -139,6 +142,16 @@ def queue_day(
     reports = day_reports(store, config.tlsrpt, day, now)
     new = sum(store.queue_report(queued(r, day), now + delay(), now) for r in reports)
     return reports, new
+
+
+def prune(store: Store, now: float) -> int:
+    """Forget reporting data older than :data:`KEEP_DAYS` (see there); returns the rows."""
+    today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    oldest = (today - datetime.timedelta(days=KEEP_DAYS)).isoformat()
+    deleted = store.prune_reporting(oldest, now - CATCH_UP_DAYS * 86400)
+    if deleted:
+        log.info("forgot {n} rows of reporting data from before {day}", n=deleted, day=oldest)
+    return deleted
 
 
 def read_dkim_key(config: Config) -> bytes | None:
@@ -443,6 +456,7 @@ class DailySchedule:
                 new=new,
             )
         self._store.set_meta(QUEUED_THROUGH, last.isoformat())
+        prune(self._store, now)
         return days
 
 
