@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue the reports for their rua addresses and deliver what the outbox has due",
     )
+    show = commands.add_parser("show", help="summarise TLS reports you received")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    show.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page")
+    show.add_argument(
+        "files", nargs="+", metavar="FILE", help=".json, .json.gz, .eml, a Maildir or an mbox"
+    )
     return parser
 
 
@@ -107,6 +113,11 @@ def _day(text: str) -> datetime.date:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``postfix-mtasts`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "show":  # reads files only: no configuration
+        from postfix_mtasts.tlsrpt import show  # noqa: PLC0415 (only this command needs it)
+
+        sys.exit(show.main(args.files, as_json=args.json, html=args.html, out=sys.stdout,
+                           err=sys.stderr))  # fmt: skip
     try:
         config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
     except ConfigError as e:

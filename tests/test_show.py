@@ -26,6 +26,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -996,6 +997,22 @@ def test_main_exit_one(tmp_path: Path, files: dict[str, bytes], code: int) -> No
     got, out, err = run_main(str(tmp_path / "in"))
     assert (got, err) == (code, "")
     assert out
+
+
+def test_show_command(tmp_path: Path) -> None:
+    """`postfix-mtasts show` runs without a configuration and prints the same summary."""
+    for i, report in enumerate(FIVE):
+        write(tmp_path / f"r{i}.json.gz", gz(report))
+    env = {**os.environ, "POSTFIX_MTASTS_CONFIG": str(tmp_path / "missing.toml")}
+    result = subprocess.run(
+        [sys.executable, "-m", "postfix_mtasts.cli", "show", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, EXPECTED_TEXT, "")
 
 
 def test_main_missing_path(tmp_path: Path) -> None:
