@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue the reports for their rua addresses and deliver what the outbox has due",
     )
+    check = commands.add_parser("check", help="audit a domain's own MTA-STS and TLS-RPT setup")
+    config_option(check)
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.add_argument("domain", help="the domain to audit, e.g. example.com")
+
     show = commands.add_parser("show", help="summarise TLS reports you received")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page")
@@ -122,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
     except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
-    handler = {"serve": _serve, "query": _query, "tail": _tail, "report": _report}[args.command]
+    handlers = {"serve": _serve, "query": _query, "tail": _tail, "report": _report, "check": _check}
+    handler = handlers[args.command]
     try:
         code = handler(config, args)
     except ConfigError as e:
@@ -204,29 +210,47 @@ def _query(config: Config, args: argparse.Namespace) -> int:
     _start_logging(LogLevel.warn)
     store = Store(config.store_path())
     resolver = make_resolver(config, reactor, store)
-    result: list[int] = []
 
-    async def run(_reactor: Any) -> None:
+    async def run(_reactor: Any) -> int:
         try:
             answer = await resolver.query(args.domain)
         except StoreError as e:
             print(f"postfix-mtasts: {e}", file=sys.stderr)
-            result.append(EXIT_FAILED)
-            return
+            return EXIT_FAILED
         payload = answer.reply[answer.reply.index(b":") + 1 : -1].decode()
         if args.json:
             print(json.dumps(_answer_json(answer, payload, store), indent=2))
         else:
             print(payload)
-        result.append(EXIT_FAILED if payload.startswith("TEMP") else EXIT_OK)
+        return EXIT_FAILED if payload.startswith("TEMP") else EXIT_OK
+
+    try:
+        return _react(run)
+    finally:
+        store.close()
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    from postfix_mtasts import check  # noqa: PLC0415 (only this command needs it)
+
+    _start_logging(LogLevel.warn)
+    return _react(lambda _: check.main(reactor, config, args.domain, args.json, sys.stdout))
+
+
+def _react(main: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``main(reactor)`` on the reactor until it returns its exit code (1 if it fails)."""
+    result: list[int] = []
+
+    async def run(reactor: Any) -> None:
+        result.append(await main(reactor))
 
     try:
         react(lambda r: ensureDeferred(run(r)))
     except SystemExit as e:
         if e.code not in (0, None):
             return EXIT_FAILED
-    finally:
-        store.close()
     return result[0] if result else EXIT_FAILED
 
 
@@ -356,19 +380,18 @@ def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | No
     """Deliver what the outbox has due; 1 when one of ``day``'s reports was given up."""
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
-    async def run(_reactor: Any) -> None:
+    async def run(_reactor: Any) -> int:
         outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
         await outbox.deliver_due()
+        return EXIT_OK
 
-    try:
-        react(lambda r: ensureDeferred(run(r)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return EXIT_FAILED
+    code = _react(run)
     rows = store.outbox(day.isoformat())
     if rows:
         print(outcome_lines(rows))
-    return EXIT_FAILED if any(r.state in ("failed", "expired") for r in rows) else EXIT_OK
+    if any(r.state in ("failed", "expired") for r in rows):
+        return EXIT_FAILED
+    return code
 
 
 def _dns(config: Config, reactor: Any) -> DNSClient:

@@ -43,6 +43,7 @@ from postfix_mtasts.check import (
 from postfix_mtasts.config import parse_config
 from postfix_mtasts.mtasts.fetch import STS_FETCH_ERROR, FetchError
 from postfix_mtasts.probe import HTTPSProbe, Prober, SMTPProbe, TLSFacts
+from tests.daemon import run
 from tests.dnsserver import DNSTestServer
 from tests.httpsserver import PolicyServer, Reply, policy, redirect
 from tests.pki import (
@@ -607,6 +608,22 @@ async def test_main_prints_and_returns_exit_code(site: Site, tmp_path: Path) -> 
     text = io.StringIO()
     assert await main(site.reactor, config, DOMAIN, False, text, err=io.StringIO()) == 1
     assert text.getvalue().startswith(f"MTA-STS and TLS-RPT check of {DOMAIN} (")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_command(site: Site, tmp_path: Path) -> None:
+    """`postfix-mtasts check --json` runs the same audit as a program: JSON out, exit 1."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{site.dns.port}"]\n'
+        f'[https]\nca_file = "{site.ca_file}"\ntimeout = 3\n'
+    )
+    out, err, code = await run(site.reactor, ["check", "-c", str(config), "--json", DOMAIN])
+    assert code == 1, err
+    document = json.loads(out)
+    assert document["domain"] == DOMAIN and document["sts_id"] == TXT_ID
+    usage = await run(site.reactor, ["check", "-c", str(config), "not a domain"])
+    assert usage[2] == 2 and usage[1].count("\n") == 1 and "not a domain" in usage[1]
 
 
 @pytest.mark.parametrize("domain", ["", "exa mple.test", "localhost", "-bad-.test", "a..b"])
