@@ -37,7 +37,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Container, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Literal, NamedTuple, cast, get_args
 
@@ -174,6 +173,9 @@ _SEVERITIES = frozenset(
 
 
 _new_tuple = tuple.__new__
+_NO_TLSRPT = (None, None, None)
+_NOT_DIGIT = frozenset(" +-Zz")
+"""What follows the six fraction digits of an rsyslog stamp: an offset, Z, or the host."""
 
 
 class LineParser:
@@ -221,28 +223,32 @@ class LineParser:
             return None
         if now is not self._now:
             self._set_now(now)
-        prefix = line[:s] if s > 0 else ""
-        if prefix[19:20] == "." and prefix[4:5] == "-":
+        if line[19:20] == "." and line[4:5] == "-" and s > 19:
             # RFC 3339 with a fraction, which makes nearly every stamp distinct: the cache
-            # holds the stamp without it.
-            tail = prefix[20:]
-            rest = tail.lstrip("0123456789")
-            hit = self._cache.get(prefix[:19] + rest) if rest != tail else None
-            if hit is None:
-                hit = self._fraction(prefix)
+            # holds the stamp without it.  Six digits (rsyslog's) are the common case.
+            if line[26:27] in _NOT_DIGIT and line[20:26].isdigit() and line[20:26].isascii():
+                end = 26
             else:
-                hit = hit[0] + float(prefix[19 : len(prefix) - len(rest)]), hit[1]
+                tail = line[20:s]
+                end = s - len(tail.lstrip("0123456789"))
+            hit = self._cache.get(line[:19] + line[end:s]) if end > 20 else None
+            if hit is None:
+                hit = self._fraction(line[:s])
+            else:
+                hit = hit[0] + float(line[19:end]), hit[1]
         else:
+            prefix = line[:s] if s > 0 else ""
             hit = self._cache.get(prefix) or self._remember(prefix)
         if hit is None:
             self.unreadable += 1
             return None
         message = line[i + 3 :]
-        if message.endswith("\n"):
+        if message[-1:] == "\n":
             message = message.rstrip("\r\n")
         # tuple.__new__ directly: the named tuple's own __new__ is a slower Python function.
-        fields = (hit[0], hit[1], line[s + 1 : slash], service, int(pid), message)
-        return _new_tuple(LogLine, fields)
+        return _new_tuple(
+            LogLine, (hit[0], hit[1], line[s + 1 : slash], service, int(pid), message)
+        )
 
     def _set_now(self, now: datetime) -> None:
         local = now.astimezone(self._tz)
@@ -347,12 +353,13 @@ def parse_line(line: str, *, tz: tzinfo | None, now: datetime) -> LogLine | None
 # --- Sessions -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
     """One TLS session (one handshake to one MX address), or a failure with no handshake.
 
     It carries the evidence L{classify} needs, not a result: the result depends on the policy
-    that applied, which the store knows (see the module docstring).
+    that applied, which the store knows (see the module docstring).  A named tuple, like
+    L{LogLine}: a frozen dataclass of twelve fields took longer to build than the rest of the
+    work on the line that completes it.
     """
 
     time: float
@@ -486,19 +493,20 @@ class _Open:
 
     def session(self) -> Session:
         t = self.tlsrpt
-        return Session(
-            self.time,
-            self.domain,
-            self.mx_host,
-            self.mx_ip,
-            self.port,
-            self.queue_id,
-            self.trust,
-            self.failure,
-            self.reason,
-            t[0] if t else None,
-            t[1] if t else None,
-            t[2] if t else None,
+        return _new_tuple(
+            Session,
+            (
+                self.time,
+                self.domain,
+                self.mx_host,
+                self.mx_ip,
+                self.port,
+                self.queue_id,
+                self.trust,
+                self.failure,
+                self.reason,
+                *(t or _NO_TLSRPT),
+            ),
         )
 
 
@@ -541,6 +549,7 @@ _TLSA_UNUSABLE_RE = re.compile(_EP + r": all TLSA records unusable")
 _EP_COLON_RE = re.compile(_EP + r": ")
 _ENDPOINT_LINE_RE = re.compile(r"[^\s\[\]:,]+\[[^\]\s]*\](?::\d+)?: ")
 _QID_RE = re.compile(r"([0-9A-F]{5,}|[0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z]{10,}): ")
+_match_qid = _QID_RE.match
 _TO_RE = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,\s]*)")
 _HOST_RE = re.compile(r"host " + _EP)
 _TLSA_LOOKUP_RE = re.compile(r"TLSA lookup error for ([^\s:\[\]]+):(\d+)")
@@ -643,15 +652,13 @@ def _relay(relay: str) -> tuple[str, str, int] | None:
     return relay[:b].lower().rstrip("."), relay[b + 1 : e], int(port) if port.isdigit() else 0
 
 
+_LOOPBACK_PREFIXES = ("127.", "::ffff:127.")
+_LOOPBACK_IPS = frozenset({"::1", "0:0:0:0:0:0:0:1"})
+
+
 def _is_local(ip: str) -> bool:
     """Whether C{ip} is loopback or a UNIX socket path (content filters, LMTP)."""
-    return (
-        "/" in ip
-        or ip.startswith("127.")
-        or ip == "::1"
-        or ip.startswith("::ffff:127.")
-        or ip == "0:0:0:0:0:0:0:1"
-    )
+    return "/" in ip or ip.startswith(_LOOPBACK_PREFIXES) or ip in _LOOPBACK_IPS
 
 
 def _domain(address: str) -> str:
@@ -665,8 +672,22 @@ def _domain(address: str) -> str:
         return domain.lower()
 
 
+_EVIDENCE_PREFIXES = (
+    "TLS is required, but ",
+    "Server certificate not ",
+    "Cannot start TLS: handshake failure",
+    "TLSA ",
+    "no TLSA records found",
+    "non DNSSEC destination",
+    "client TLS configuration problem",
+)
+"""Every reason L{_reason_evidence} reads starts with one of these."""
+
+
 def _reason_evidence(reason: str, pending_dns: str | None) -> _Evidence | Literal["config"] | None:
     """The TLS evidence in a delivery reason; C{"config"} for a local problem."""
+    if not reason.startswith(_EVIDENCE_PREFIXES):
+        return None  # the common case: one test instead of one per prefix
     if reason.startswith("TLS is required, but "):
         if reason.startswith(("TLS is required, but our", "TLS is required, but unavailable")):
             return "config"
@@ -694,15 +715,15 @@ def _reason_evidence(reason: str, pending_dns: str | None) -> _Evidence | Litera
     return None
 
 
-def _status_reason(tail: str) -> str:
-    """The parenthesised reason after C{status=...} in a delivery line's tail."""
-    s = tail.find(" status=")
+def _status_reason(text: str, start: int = 0) -> str:
+    """The parenthesised reason after C{status=...} in C{text[start:]}, a delivery line's tail."""
+    s = text.find(" status=", start)
     if s < 0:
         return ""
-    p = tail.find(" (", s + 8)
+    p = text.find(" (", s + 8)
     if p < 0:
         return ""
-    return tail[p + 2 : -1] if tail.endswith(")") else tail[p + 2 :]
+    return text[p + 2 : -1] if text[-1:] == ")" else text[p + 2 :]
 
 
 class SessionTracker:
@@ -752,40 +773,100 @@ class SessionTracker:
 
         @param now: the current time, for the year of BSD stamps (see L{LineParser.parse}).
         """
-        services = _SERVICES_ALL if self._sender or self.skip_queue_ids else _SERVICES_TLS
-        parsed = self._parser.parse(line, now, services)
-        if parsed is None:
-            self._skipped += 1
-            return []
-        return self.feed(parsed)
+        return self.feed_lines((line,), now)
 
     def feed_lines(self, lines: Iterable[str], now: datetime) -> list[Session]:
-        """Feed many raw lines; return the sessions they completed."""
+        """Feed many raw lines; return the sessions they completed.
+
+        Most lines of a mail log belong to other services: a line without C{/smtp[},
+        C{/tlsproxy[} (or C{/qmgr[} while report mail is watched for) cannot carry one of
+        their process tags, and is skipped before it is parsed.  An smtp line whose stamp is
+        in the parser's cache is split here, without a L{LogLine}; any other goes through
+        L{LineParser.parse}, with the same result.
+        """
         out: list[Session] = []
+        parser = self._parser
+        parse = parser.parse
+        if now is not parser._now:
+            parser._set_now(now)
+        cached = parser._cache.get
+        held = self._held
+        smtp = self._smtp
+        qmgr = bool(self._sender or self.skip_queue_ids)
+        services = _SERVICES_ALL if qmgr else _SERVICES_TLS
+        skipped = 0
         for line in lines:
-            found = self.feed_text(line, now)
-            if found:
-                out.extend(found)
+            k = line.find("/smtp[")
+            if k < 0:
+                if "/tlsproxy[" not in line and (not qmgr or "/qmgr[" not in line):
+                    skipped += 1
+                    continue
+            else:
+                # The fast path: the same steps as LineParser.parse, knowing where the tag is.
+                i = line.find("]: ")
+                pid = line[k + 6 : i]
+                s = line.rfind(" ", 0, k)
+                if i > k + 6 and pid.isdigit() and pid.isascii() and s + 1 < k:
+                    if line[19:20] == "." and line[4:5] == "-" and s > 19:
+                        if (
+                            line[26:27] in _NOT_DIGIT
+                            and line[20:26].isdigit()
+                            and line[20:26].isascii()
+                        ):
+                            hit = cached(line[:19] + line[26:s])
+                            if hit is not None:
+                                hit = hit[0] + float(line[19:26]), hit[1]
+                        else:
+                            hit = None
+                    else:
+                        hit = cached(line[:s]) if s > 0 else None
+                    if hit is not None:
+                        t = hit[0]
+                        mark = len(out)
+                        if held and held[0][0] < t - HOLD_SECONDS:
+                            self._release_held(t, out)
+                        if t >= self._next_sweep:
+                            self._sweep(t, out)
+                        message = line[i + 3 :]
+                        if message[-1:] == "\n":
+                            message = message.rstrip("\r\n")
+                        smtp(t, (line[s + 1 : k], int(pid)), message, out, mark)
+                        continue
+            parsed = parse(line, now, services)
+            if parsed is None:
+                skipped += 1
+            elif self._feed(parsed, out):
+                # A qmgr line changes which lines can matter.
+                qmgr = bool(self._sender or self.skip_queue_ids)
+                services = _SERVICES_ALL if qmgr else _SERVICES_TLS
+        self._skipped += skipped
         return out
 
     def feed(self, line: LogLine) -> list[Session]:
         """Feed one parsed line; return the sessions it completed."""
         out: list[Session] = []
-        t = line.time
+        self._feed(line, out)
+        return out
+
+    def _feed(self, line: LogLine, out: list[Session]) -> bool:
+        """Feed C{line}, adding the sessions it completes to C{out}; True for a qmgr line."""
+        t = line[0]
+        mark = len(out)
         if self._held and self._held[0][0] < t - HOLD_SECONDS:
             self._release_held(t, out)
         if t >= self._next_sweep:
             self._sweep(t, out)
-        service = line.service
+        service = line[3]
         if service == "smtp":
-            self._smtp(line, out)
+            self._smtp(t, (line[2], line[4]), line[5], out, mark)
         elif service == "qmgr":
-            self._qmgr(line.message)
+            self._qmgr(line[5])
+            return True
         elif service == "tlsproxy":
             self._tlsproxy(line)
         else:
             self._ignored += 1
-        return out
+        return False
 
     def release(self) -> list[Session]:
         """Emit every held session now, and keep the open ones for more input.
@@ -827,26 +908,26 @@ class SessionTracker:
 
     # --- smtp ---------------------------------------------------------------------------------
 
-    def _smtp(self, line: LogLine, out: list[Session]) -> None:
-        m = line.message
-        key = (line.syslog_name, line.pid)
+    def _smtp(self, t: float, key: tuple[str, int], m: str, out: list[Session], mark: int) -> None:
+        """The message C{m} of the smtp process C{key} (syslog name, pid), logged at C{t};
+        C{out[mark:]} holds the sessions the line completed so far."""
         proc = self._procs.get(key)
         if proc is None:
-            proc = self._procs[key] = _Proc(line.time)
+            proc = self._procs[key] = _Proc(t)
         else:
-            proc.last = line.time
-        q = _QID_RE.match(m)
+            proc.last = t
+        q = _match_qid(m)
         if q is not None:
-            rest = m[q.end() :]
-            if rest.startswith("to=<"):
-                self._delivery(proc, q.group(1), rest, line.time, out)
+            end = q.end()
+            if m.startswith("to=<", end):
+                self._delivery(proc, q[1], m[end:], t, out, mark=mark)
             else:
-                self._attempt(proc, q.group(1), rest, line.time, out)
+                self._attempt(proc, q[1], m[end:], t, out)
             return
         if m.startswith(_TRUSTS):
             summary = _SUMMARY_RE.match(m)
             if summary is not None and summary.group(3) == "to":
-                self._summary(proc, summary, line.time, out)
+                self._summary(proc, summary, t, out)
             else:
                 self._unparsed += 1
             return
@@ -855,9 +936,7 @@ class SessionTracker:
             if verify is None:
                 self._unparsed += 1
                 return
-            self._evidence(
-                proc, _endpoint(verify, 1), _verify_failure(verify.group(4)), line.time, out
-            )
+            self._evidence(proc, _endpoint(verify, 1), _verify_failure(verify.group(4)), t, out)
             return
         if m.startswith("SSL_connect error to "):
             ssl = _SSL_RE.match(m)
@@ -870,13 +949,13 @@ class SessionTracker:
             else:
                 rank = _OPENSSL
             found: tuple[Failure, str | None, int] = ("validation-failure", reason, rank)
-            self._evidence(proc, _endpoint(ssl, 1), found, line.time, out)
+            self._evidence(proc, _endpoint(ssl, 1), found, t, out)
             return
         if m.startswith("TLSRPT: "):
             self._tlsrpt(proc, m, out)
             return
         if m.startswith("warning: "):
-            self._warning(proc, m[9:], line.time, out)
+            self._warning(proc, m[9:], t, out)
             return
         if m.startswith(_NOTHING_TO_COUNT) or _ENDPOINT_LINE_RE.match(m):
             self._ignored += 1
@@ -989,21 +1068,24 @@ class SessionTracker:
         o.queue_id = qid
         proc.waiting.append(o)
 
-    def _delivery(self, proc: _Proc, qid: str, rest: str, t: float, out: list[Session]) -> None:
+    def _delivery(
+        self, proc: _Proc, qid: str, rest: str, t: float, out: list[Session], *, mark: int
+    ) -> None:
         """C{QID: to=<rcpt>, relay=H[A]:P, ..., status=S (reason)}: the delivery's end."""
         m = _TO_RE.match(rest)
         if m is None:
             self._unparsed += 1
             return
-        relay_text = m.group(2)
+        relay_text = m[2]
         key = (qid, relay_text)
         if key == proc.last_key and proc.open is None:
             self._ignored += 1  # another recipient of the same session
             return
         proc.last_key = key
-        self._release(proc, out)
-        domain = _domain(m.group(1))
-        reason = _status_reason(rest[m.end() :])
+        if proc.held is not None:
+            self._release(proc, out)
+        domain = _domain(m[1])
+        reason = _status_reason(rest, m.end())
         ev = _reason_evidence(reason, proc.pending_dns) if reason else None
         proc.pending_dns = proc.pending_lib = None
         if ev == "config":
@@ -1051,7 +1133,7 @@ class SessionTracker:
                 self._unparsed += 1
         proc.waiting.clear()
         if session is None:
-            if not out:
+            if len(out) == mark:
                 self._ignored += 1
             return
         session.queue_id = qid
