@@ -117,6 +117,13 @@ def test_policy_at(
     assert (applied.kind, applied.key, applied.sts_failure) == (kind, key, failure)
 
 
+@pytest.mark.parametrize(("fetched", "applies"), [(10.0, True), (10.95, True), (11.0, False)])
+def test_policy_fetched_within_the_stamps_second(fetched: float, applies: bool) -> None:
+    """A policy fetched later in the second a whole-second log stamp names applied to it."""
+    applied = policy_at("example.net", [policy_event(DAY + fetched, ENFORCE)], DAY + 10)
+    assert (applied.kind == "sts-enforce") is applies
+
+
 def test_count_key_success_and_failure() -> None:
     """A verified session counts as success; an untrusted one as a typed failure with its MX."""
     applied = policy_at("example.net", [policy_event(DAY, ENFORCE)], DAY + 1)

@@ -51,12 +51,19 @@ class CountKey:
     reason: str = ""
 
 
+STAMP_SLACK = 1.0
+"""Seconds by which a policy event may follow the log stamp of a session it applied to: the
+map records a policy before Postfix opens the session that uses it, but Postfix's traditional
+stamps cut the time to whole seconds, and the store's event times do not."""
+
+
 def policy_at(domain: str, events: Sequence[PolicyEvent], at: float) -> Applied:
-    """The policy in force for ``domain`` at ``at``, from its events in time order."""
+    """The policy in force for ``domain`` at ``at`` (a log stamp, see :data:`STAMP_SLACK`),
+    from its events in time order."""
     latest: PolicyEvent | None = None
     held: PolicyEvent | None = None  # the latest policy event up to ``at``
     for event in events:
-        if event.at > at:
+        if event.at >= at + STAMP_SLACK:
             break
         latest = event
         if event.kind == "policy":
