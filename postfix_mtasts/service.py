@@ -35,7 +35,11 @@ def make_resolver(config: Config, reactor: Any, store: Store) -> PolicyResolver:
     dns = DNSClient(reactor, parse_nameservers(config.dns.nameservers), timeout=config.dns.timeout)
     try:
         fetcher = PolicyFetcher(
-            reactor, dns.addresses, ca_file=config.https.ca_file, timeout=config.https.timeout
+            reactor,
+            dns.ipv4,
+            ca_file=config.https.ca_file,
+            timeout=config.https.timeout,
+            fallback=dns.ipv6,
         )
     except (OSError, ValueError) as e:
         problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

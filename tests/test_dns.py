@@ -492,6 +492,26 @@ async def test_addresses(reactor: Any, dns_server: DNSTestServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_ipv4_and_ipv6(reactor: Any, dns_server: DNSTestServer) -> None:
+    """ipv4() and ipv6() each ask one query and give one family's addresses after CNAMEs."""
+    dns_server.update(
+        {
+            "host.test": [("AAAA", "2001:db8::1"), ("A", "192.0.2.1")],
+            "alias.test": [("CNAME", "host.test")],
+        }
+    )
+    client = DNSClient(reactor, [dns_server.address])
+    assert await client.ipv4("alias.test") == ["192.0.2.1"]
+    assert await client.ipv6("alias.test") == ["2001:db8::1"]
+    assert await client.ipv6("missing.test") == []
+    assert dns_server.queries == [
+        ("alias.test", "A", "udp"),
+        ("alias.test", "AAAA", "udp"),
+        ("missing.test", "AAAA", "udp"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_addresses_one_family_fails(reactor: Any, dns_server: DNSTestServer) -> None:
     """If only the AAAA lookup fails, addresses() gives the IPv4 addresses."""
     dns_server.set("host.test", [("A", "192.0.2.1"), ("AAAA", "2001:db8::1")])

@@ -404,6 +404,52 @@ async def test_next_address_after_refusal(make_fetcher):
     assert await fetcher.fetch(DOMAIN) == GOOD_POLICY
 
 
+class FailingResolve(FakeResolve):
+    """A resolve() that raises, remembering what it was asked."""
+
+    async def __call__(self, host: str) -> list[str]:
+        self.asked.append(host)
+        raise RuntimeError("no answer")
+
+
+@pytest.mark.parametrize(
+    ("first", "fallback_asked"),
+    [
+        (FakeResolve("127.0.0.1"), False),
+        (FakeResolve(), True),
+        (FakeResolve("127.0.0.2"), True),
+        (FailingResolve(), True),
+    ],
+    ids=["first-connects", "first-empty", "first-refused", "first-fails"],
+)
+@pytest_twisted.ensureDeferred
+async def test_fallback_resolve_only_when_needed(make_fetcher, first, fallback_asked):
+    """The fallback is asked for addresses only when none of the first resolver's connects."""
+    fallback = FakeResolve("127.0.0.1")
+    fetcher = make_fetcher(resolve=first, fallback=fallback)
+    assert await fetcher.fetch(DOMAIN) == GOOD_POLICY
+    assert first.asked == [HOST]
+    assert fallback.asked == ([HOST] if fallback_asked else [])
+
+
+@pytest.mark.parametrize(
+    ("first", "fallback", "detail"),
+    [
+        (FakeResolve(), FakeResolve(), f"policy host not resolved: no address for {HOST}"),
+        (FailingResolve(), FakeResolve(), f"policy host not resolved: {HOST}: no answer"),
+        (FakeResolve(), FailingResolve(), f"policy host not resolved: {HOST}: no answer"),
+        (FakeResolve("127.0.0.2"), FailingResolve(), "connection refused on port"),
+    ],
+    ids=["both-empty", "first-fails", "fallback-fails", "refused-then-fallback-fails"],
+)
+@pytest_twisted.ensureDeferred
+async def test_fallback_resolve_failures(make_fetcher, first, fallback, detail):
+    """With a fallback, the error names the refusal if there was one, else the lookup problem."""
+    e = await fetch_error(make_fetcher(resolve=first, fallback=fallback))
+    assert e.failure_type == STS_FETCH_ERROR
+    assert e.detail.startswith(detail)
+
+
 @pytest.mark.parametrize("addresses", [[], ["not-an-address"]])
 @pytest_twisted.ensureDeferred
 async def test_policy_host_without_address(make_fetcher, addresses):

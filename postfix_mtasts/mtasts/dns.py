@@ -378,6 +378,12 @@ def _name(text: str) -> dns.name.Name:
         raise ValueError(f"bad DNS name {text!r}: {e}") from None
 
 
+def _addresses(records: list[dns.rdata.Rdata]) -> list[str]:
+    return [
+        r.address for r in records if isinstance(r, dns.rdtypes.IN.A.A | dns.rdtypes.IN.AAAA.AAAA)
+    ]
+
+
 def _host(name: dns.name.Name) -> str:
     return "" if name == dns.name.root else name.to_text(omit_final_dot=True).lower()
 
@@ -430,15 +436,9 @@ class DNSClient:
         try:
             for lookup in lookups:
                 try:
-                    records = await lookup
+                    found.extend(_addresses(await lookup))
                 except DNSFailure as failure:
                     failures.append(failure)
-                    continue
-                found.extend(
-                    r.address
-                    for r in records
-                    if isinstance(r, dns.rdtypes.IN.A.A | dns.rdtypes.IN.AAAA.AAAA)
-                )
         finally:
             for lookup in lookups:
                 if not lookup.called:
@@ -447,6 +447,14 @@ class DNSClient:
         if len(failures) == len(lookups):
             raise failures[0]
         return found
+
+    async def ipv4(self, name: str) -> list[str]:
+        """IPv4 addresses of ``name`` after CNAMEs (A records), ``[]`` when there are none."""
+        return _addresses(await self._lookup(_name(name), dns.rdatatype.A, self._deadline()))
+
+    async def ipv6(self, name: str) -> list[str]:
+        """IPv6 addresses of ``name`` after CNAMEs (AAAA records), ``[]`` when there are none."""
+        return _addresses(await self._lookup(_name(name), dns.rdatatype.AAAA, self._deadline()))
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
         """MX records of ``name`` after CNAMEs: sorted ``(preference, host)``, ``[]`` for none.
