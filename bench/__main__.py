@@ -7,7 +7,12 @@ Groups (``--only`` takes one or more, comma-separated):
 - ``herd``: 500 simultaneous requests for one uncached domain (TXT queries, fetches);
 - ``store``: RSS with 100,000 stored policies and the time until the first answer;
 - ``peer``: postfix-mta-sts-resolver on the same testbed, and our ratio from interleaved
-  runs. Only with ``--peer`` or ``--only peer``.
+  runs. Only with ``--peer`` or ``--only peer``;
+- ``parse``: the reporter's log parser alone over a realistic mixed mail log, per time stamp
+  format, in lines per CPU second;
+- ``tail``: ``postfix-mtasts tail --once`` end to end into a fresh store, for two log lengths:
+  lines per CPU second and peak RSS;
+- ``reports``: building the reports of a day with 10,000 policy domains.
 
 Everything runs on loopback, in subprocesses that are stopped when the run ends. The exit
 status is 0 when every target is met, 1 when one is missed or the run failed, 2 for bad usage.
@@ -26,12 +31,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import ingest as bench_ingest
 from bench import map as bench_map
 from bench.client import compiled_client
 from bench.figures import Figure, table, write_json
 from bench.testbed import BenchError, Process, Testbed
 
-GROUPS = ("cached", "cold", "herd", "store", "peer")
+MAP_GROUPS = ("cached", "cold", "herd", "store", "peer")
+REPORTER_GROUPS = ("parse", "tail", "reports")
+GROUPS = MAP_GROUPS + REPORTER_GROUPS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,21 +70,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def environment(testbed: Testbed, args: argparse.Namespace) -> dict[str, Any]:
-    return {
+def environment(testbed: Testbed | None, args: argparse.Namespace) -> dict[str, Any]:
+    env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "daemon_cpus": sorted(testbed.daemon_cpus),
-        "other_cpus": sorted(testbed.other_cpus),
         "load_average": os.getloadavg(),
-        "client": "C" if compiled_client() else "Python",
         "quick": args.quick,
         "groups": args.groups,
     }
+    if testbed is not None:
+        env["daemon_cpus"] = sorted(testbed.daemon_cpus)
+        env["other_cpus"] = sorted(testbed.other_cpus)
+        env["client"] = "C" if compiled_client() else "Python"
+    return env
 
 
 def run(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
+    figures: list[Figure] = []
+    env = environment(None, args)
+    if set(MAP_GROUPS) & set(args.groups):
+        figures, env = run_map(args)
+    reporter = [g for g in args.groups if g in REPORTER_GROUPS]
+    if reporter:
+        figures += bench_ingest.measure(reporter, args.quick, progress)
+    return figures, env
+
+
+def run_map(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
     sizes = bench_map.Sizes.for_run(args.quick)
     groups = args.groups
     domains = bench_map.hot_domains(sizes.hot) + bench_map.herd_domains()
@@ -165,10 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"bench: {e}\n")
         return 1
     env["seconds"] = round(time.monotonic() - started, 1)
+    pinning = ""
+    if "daemon_cpus" in env:
+        pinning = (
+            f", daemon pinned to CPU {','.join(map(str, env['daemon_cpus']))}, load client and"
+            f" test servers to CPU {','.join(map(str, env['other_cpus']))}; {env['client']} load"
+            " client"
+        )
     header = (
-        f"postfix-mtasts benchmarks: {env['cpus']} CPUs, daemon pinned to CPU "
-        f"{','.join(map(str, env['daemon_cpus']))}, load client and test servers to CPU "
-        f"{','.join(map(str, env['other_cpus']))}; {env['client']} load client; "
+        f"postfix-mtasts benchmarks: {env['cpus']} CPUs{pinning}; "
         f"{'quick' if args.quick else 'full'} run in {env['seconds']} s; load average "
         f"{env['load_average'][0]:.2f} at start"
         f"{'; our daemon sampled by py-spy' if args.profile else ''}\n"

@@ -17,6 +17,7 @@ from postfix_mtasts.tlsrpt.aggregate import (
     count_key_from_row,
     count_row,
     policy_at,
+    utc_day,
 )
 from postfix_mtasts.tlsrpt.logparse import Session, SessionTracker
 from postfix_mtasts.tlsrpt.report import PolicyKey
@@ -202,3 +203,66 @@ def test_real_log_lines_through_tracker_aggregator_and_store(tmp_path: Path) -> 
     )
     assert aggregator.take() == Counter()
     store.close()
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        DAY,
+        DAY + 43200.5,
+        DAY - 0.000001,
+        DAY - 0.0000004,  # rounds to the next day's first microsecond
+        DAY + 86399.9999996,
+        DAY + 86399.999999,
+        0.0,
+    ],
+)
+def test_utc_day(at: float) -> None:
+    """utc_day names the day datetime gives for the time, microsecond rounding included."""
+    expected = datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d")
+    assert utc_day(at) == expected
+
+
+class CountingEvents:
+    """An event source that records each read and returns one enforce policy."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, float, float]] = []
+
+    def __call__(self, domain: str, start: float, end: float) -> list[PolicyEvent]:
+        self.reads.append((domain, start, end))
+        return [policy_event(DAY - 3600, ENFORCE)]
+
+
+@pytest.mark.parametrize(
+    ("now", "reads"),
+    [
+        (None, 4),  # no clock: read again after each 300 s of log time
+        (DAY + 86400 * 3, 1),  # a log read days later: one read for the day
+        (DAY + 700, 3),  # a live log: what follows now - 60 s may still be written
+    ],
+)
+def test_events_are_read_once_per_span(now: float | None, reads: int) -> None:
+    """A domain's events are read again only once its cached span of log time has passed."""
+    events = CountingEvents()
+    aggregator = Aggregator(events, refresh=300.0, now=None if now is None else lambda: now)
+    for minute in range(0, 20, 1):  # sessions every minute for 20 minutes
+        aggregator.add(session(DAY + 60 * minute))
+    assert len(events.reads) == reads
+    assert sum(aggregator.take().values()) == 20
+    assert all(end <= DAY + 86400 for _, _, end in events.reads)
+
+
+def test_cache_keeps_only_the_latest_day() -> None:
+    """Once a session of a new UTC day comes, the previous day's domains are read afresh."""
+    events = CountingEvents()
+    aggregator = Aggregator(events, now=lambda: DAY + 86400 * 5)
+    aggregator.add(session(DAY + 100))
+    aggregator.add(session(DAY + 86400 + 100, domain="other.example"))
+    aggregator.add(session(DAY + 200))  # a late session of the first day
+    assert [domain for domain, _, _ in events.reads] == [
+        "example.net",
+        "other.example",
+        "example.net",
+    ]
+    assert sum(aggregator.take().values()) == 3

@@ -109,8 +109,23 @@ def count_key_from_row(row: CountRow) -> CountKey:
     return CountKey(day, PolicyKey(ptype, domain, lines, mx), result, mx_host, mx_ip, reason)
 
 
+_DAYS: dict[float, str] = {}
+
+
 def utc_day(at: float) -> str:
     """The UTC day of a Unix time, as YYYY-MM-DD."""
+    start = at - at % 86400
+    if start + 0.000001 <= at < start + 86399.999999:  # not rounded to another day's µs
+        day = _DAYS.get(start)
+        if day is None:
+            if len(_DAYS) > 1000:
+                _DAYS.clear()
+            day = _DAYS[start] = _utc_day(start + 43200)
+        return day
+    return _utc_day(at)
+
+
+def _utc_day(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d")
 
 
@@ -132,19 +147,33 @@ def count_key(session: Session, applied: Applied) -> CountKey | None:
 EventSource = Callable[[str, float, float], list[PolicyEvent]]
 
 
+COMPLETE_AFTER = 60.0
+"""Seconds after which the store holds every policy event up to a time: the map writes each
+event as it happens."""
+
+
 class Aggregator:
     """Counts sessions per :class:`CountKey`, reading each domain's events once a while.
 
     ``events(domain, start, end)`` is :meth:`Store.events`.  A domain's events are read for
-    the whole UTC day of the session and kept until a session of another day or ``refresh``
-    seconds of log time have passed, so that policies the map fetches while the log is being
-    read are seen.
+    the UTC day of the session, up to ``refresh`` seconds of log time after it, and kept for
+    the sessions in that span, so that policies the map fetches while the log is being read
+    are seen.  With ``now`` (the clock), the span reaches as far as events can no longer be
+    added (:data:`COMPLETE_AFTER` before now), up to the day's end: a log read well after it
+    was written costs one read per domain and day.  Only the latest day's domains are kept.
     """
 
-    def __init__(self, events: EventSource, refresh: float = 300.0) -> None:
+    def __init__(
+        self,
+        events: EventSource,
+        refresh: float = 300.0,
+        now: Callable[[], float] | None = None,
+    ) -> None:
         self._events = events
         self._refresh = refresh
-        self._cache: dict[str, tuple[float, float, list[PolicyEvent]]] = {}
+        self._now = now
+        self._day = -1.0
+        self._cache: dict[str, tuple[float, float, list[PolicyEvent], Applied | None]] = {}
         self.counts: Counter[CountKey] = Counter()
         self.not_counted = 0
 
@@ -154,14 +183,30 @@ class Aggregator:
         cached = self._cache.get(domain)
         at = session.time
         if cached is None or not (cached[0] <= at < cached[1]):
-            start = at - at % 86400
-            end = min(start + 86400, at + self._refresh)
-            cached = self._cache[domain] = (start, end, self._events(domain, start, end))
-        key = count_key(session, policy_at(domain, cached[2], at))
+            cached = self._read(domain, at)
+        applied = cached[3] or policy_at(domain, cached[2], at)
+        key = count_key(session, applied)
         if key is None:
             self.not_counted += 1
         else:
             self.counts[key] += 1
+
+    def _read(
+        self, domain: str, at: float
+    ) -> tuple[float, float, list[PolicyEvent], Applied | None]:
+        start = at - at % 86400
+        if start > self._day:  # a new day: the previous one's domains are done with
+            self._day = start
+            self._cache.clear()
+        end = at + self._refresh
+        if self._now is not None:
+            end = max(end, self._now() - COMPLETE_AFTER)
+        end = min(start + 86400, end)
+        events = self._events(domain, start, end)
+        # Without events, the same policy applies all along.
+        always = None if events else policy_at(domain, events, at)
+        cached = self._cache[domain] = (start, end, events, always)
+        return cached
 
     def take(self) -> Counter[CountKey]:
         """The counts since the last call, which the caller commits; starts afresh."""

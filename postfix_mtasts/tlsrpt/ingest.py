@@ -46,7 +46,7 @@ class Ingest:
         self.tracker = _restore(state) or SessionTracker(
             report_sender=config.mail_from, tz=config.log_tzinfo
         )
-        self._aggregator = Aggregator(store.events)
+        self._aggregator = Aggregator(store.events, now=now)
         self.sessions = 0
 
     def handle(self, lines: list[bytes], position: Position | None) -> None:
