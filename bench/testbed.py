@@ -387,6 +387,7 @@ class Testbed:
         config.write_text(
             "[server]\n"
             f'listen = ["tcp:{DAEMON_PORT}:interface={host}"]\n'
+            "allow_root = true\n"
             "[dns]\n"
             f'nameservers = ["{self.dns_host}:53"]\n'
             "[https]\n"

@@ -7,6 +7,8 @@ in one line that names the bad key or argument.  No traceback reaches the user f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -31,9 +33,16 @@ from twisted.logger import (
 )
 
 from postfix_mtasts import __version__
-from postfix_mtasts.config import Config, ConfigError, load_config
+from postfix_mtasts.config import Config, ConfigError, StoreConfig, load_config
 from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
 from postfix_mtasts.mtasts.resolver import Answer, iso_utc
+from postfix_mtasts.privileges import (
+    PrivilegeError,
+    acting_as,
+    drop_privileges,
+    prepare_state_dir,
+    should_drop,
+)
 from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
 from postfix_mtasts.tlsrpt.daily import DayReport, day_reports
@@ -70,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
 
+    def user_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-u", "--user", help="started as root, run as USER (instead of [server] user)"
+        )
+
     serve = commands.add_parser("serve", help="run the socketmap policy map until stopped")
     config_option(serve)
+    user_option(serve)
 
     query = commands.add_parser("query", help="print the reply the map gives for a domain")
     config_option(query)
@@ -80,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tail = commands.add_parser("tail", help="follow the mail log and count TLS sessions")
     config_option(tail)
+    user_option(tail)
     tail.add_argument("--once", action="store_true", help="read to the end, then exit")
     tail.add_argument(
         "path", nargs="?", default="/var/log/mail.log", help="the log file, or - for stdin"
@@ -127,11 +143,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
     except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
+    # Pinned before any switch of user: the default path depends on who runs.
+    store = StoreConfig(path=str(config.store_path()))
+    config = dataclasses.replace(config, store=store)
+    if getattr(args, "user", None):
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, user=args.user)
+        )
     handlers = {"serve": _serve, "query": _query, "tail": _tail, "report": _report, "check": _check}
     handler = handlers[args.command]
     try:
         code = handler(config, args)
-    except ConfigError as e:
+    except (ConfigError, PrivilegeError) as e:
         _fail(EXIT_USAGE, str(e))
     except (StoreError, StartError) as e:
         _fail(EXIT_FAILED, str(e))
@@ -168,17 +191,40 @@ def _start_logging(level: LogLevel) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _switch_user(config: Config, *, daemon: bool) -> bool:
+    """Whether to become ``[server] user`` (its state directory made ready for it).
+
+    As root, the daemons (``serve``, ``tail``) refuse to run without a user unless
+    ``[server] allow_root`` (:class:`PrivilegeError`); one-shot commands then run as they are.
+    """
+    server = config.server
+    if not daemon and not server.user:
+        return False
+    if not should_drop(server.user, server.group or None, allow_root=server.allow_root):
+        return False
+    prepare_state_dir(config.store_path(), server.user, server.group or None)
+    return True
+
+
+def _drop(config: Config) -> None:
+    drop_privileges(config.server.user, config.server.group or None)
+
+
 def _serve(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
     _start_logging(LogLevel.info)
-    policy_map = PolicyMap(config, reactor)
+    switch = _switch_user(config, daemon=True)
+    # The store's files are created as the user; the listeners are bound as root.
+    acting = acting_as(config.server.user, config.server.group or None) if switch else None
+    with acting or contextlib.nullcontext():
+        policy_map = PolicyMap(config, reactor)
     failed: list[str] = []
 
     async def start() -> None:
         try:
-            await policy_map.listen()
-        except StartError as e:
+            await policy_map.listen(bound=(lambda: _drop(config)) if switch else None)
+        except (StartError, PrivilegeError) as e:
             failed.append(str(e))
             policy_map.store.close()
             reactor.stop()
@@ -208,6 +254,8 @@ def _query(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
     _start_logging(LogLevel.warn)
+    if _switch_user(config, daemon=False):
+        _drop(config)
     store = Store(config.store_path())
     resolver = make_resolver(config, reactor, store)
 
@@ -258,6 +306,9 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
     _start_logging(LogLevel.info)
+    dkim_key = read_dkim_key(config) if config.tlsrpt.send else None  # root may own the key
+    if _switch_user(config, daemon=True):
+        _drop(config)
     store = Store(config.store_path())
     source = "-" if args.path == "-" else os.path.abspath(args.path)
     ingest = Ingest(store, config.tlsrpt, source)
@@ -267,7 +318,6 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     else:
         follower = LogFollower(source, ingest.position)
     progress = _Progress(follower, ingest)
-    dkim_key = read_dkim_key(config) if config.tlsrpt.send else None
     try:
         if args.once:
             for lines, position in follower.read_available():
@@ -340,6 +390,8 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     if day >= today:
         _fail(EXIT_USAGE, f"--day: {day} has not finished yet (UTC)")
     dkim_key = read_dkim_key(config) if args.send else None
+    if _switch_user(config, daemon=False):
+        _drop(config)
     store = Store(config.store_path())
     try:
         if args.send:

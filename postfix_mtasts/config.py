@@ -72,10 +72,16 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """``[server]``: where the policy map listens."""
+    """``[server]``: where the policy map listens, and the account the services run as."""
 
     listen: tuple[str, ...] = ("tcp:8461:interface=127.0.0.1",)
     """Twisted server endpoint strings (``tcp:``, ``tcp6:``, ``unix:``, ``systemd:``)."""
+    user: str = ""
+    """Started as root, switch to this user (name or uid) once the listeners are bound."""
+    group: str = ""
+    """The only group to run with; empty means the user's own groups."""
+    allow_root: bool = False
+    """Run as root when no ``user`` is set instead of refusing to start."""
 
 
 @dataclass(frozen=True)
@@ -319,13 +325,18 @@ def _build(data: Mapping[str, object], source: str) -> Config:
 
 
 def _server(t: _Table) -> ServerConfig:
-    t.check_keys({"listen"})
+    t.check_keys({"listen", "user", "group", "allow_root"})
     listen = t.strings("listen", ServerConfig.listen)
     if not listen:
         raise t.error("listen", "must list at least one endpoint")
     for entry in listen:
         t.valid("listen", entry, _check_endpoint)
-    return ServerConfig(listen=listen)
+    return ServerConfig(
+        listen=listen,
+        user=t.string("user"),
+        group=t.string("group"),
+        allow_root=t.boolean("allow_root", ServerConfig.allow_root),
+    )
 
 
 def _metrics(t: _Table) -> MetricsConfig:

@@ -47,6 +47,16 @@ def require_postmap() -> None:
     pytest.skip("postmap is missing (apt-get install postfix)")
 
 
+def require_tool(program: str, package: str) -> None:
+    """A test that runs ``program``: fail under CI without it (``./dev test`` installs
+    ``package``), skip elsewhere."""
+    if shutil.which(program):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{program} is missing: ./dev test installs Debian's {package} as root")
+    pytest.skip(f"{program} is missing (apt-get install {package})")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now."""
     with socket.socket() as s:

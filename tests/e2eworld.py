@@ -170,6 +170,7 @@ def mtasts_config(work: Path, ca_file: Path) -> str:
     return f"""\
 [server]
 listen = ["tcp:{MAP_PORT}:interface=127.0.0.1"]
+allow_root = true
 [dns]
 nameservers = ["{DNS_IP}:53"]
 [https]

@@ -35,6 +35,9 @@ EXAMPLE = Path(__file__).parent.parent / "contrib" / "postfix-mtasts.toml"
 FULL = """\
 [server]
 listen = ["tcp:0:interface=127.0.0.1", "unix:/run/postfix-mtasts/map.sock:mode=660"]
+user = "postfix-mtasts"
+group = "postfix-mtasts"
+allow_root = true
 [dns]
 nameservers = ["127.0.0.1:5353", "[::1]:53", "192.0.2.53", "2001:db8::53"]
 timeout = 2
@@ -127,7 +130,10 @@ def test_full_file(tmp_path: Path) -> None:
     config = load_config(str(path))
     assert config.source == str(path)
     assert config.server == ServerConfig(
-        listen=("tcp:0:interface=127.0.0.1", "unix:/run/postfix-mtasts/map.sock:mode=660")
+        listen=("tcp:0:interface=127.0.0.1", "unix:/run/postfix-mtasts/map.sock:mode=660"),
+        user="postfix-mtasts",
+        group="postfix-mtasts",
+        allow_root=True,
     )
     assert config.dns.nameservers == ("127.0.0.1:5353", "[::1]:53", "192.0.2.53", "2001:db8::53")
     assert config.dns.addresses == (
@@ -188,6 +194,8 @@ def test_config_is_immutable() -> None:
             "[dns] nameservers: expected an array of strings, got '192.0.2.53'",
         ),
         ("[server]\nlisten = [8461]", "[server] listen: expected an array of strings, got 8461"),
+        ("[server]\nuser = 999", "[server] user: expected a string, got 999"),
+        ("[server]\nallow_root = 'yes'", "[server] allow_root: expected true or false, got 'yes'"),
         (
             "[zones.postfix]\nrequire_sni = 0",
             "[zones.postfix] require_sni: expected true or false, got 0",

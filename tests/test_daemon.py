@@ -25,6 +25,7 @@ from tests.daemon import Daemon, free_port, postmap, require_postmap, require_ro
 from tests.dnsserver import DNSTestServer
 from tests.httpsserver import PolicyServer, Reply, policy
 from tests.pki import SNIContextFactory, TestCA
+from tests.scrape import scrape
 
 ENFORCE = (
     b"version: STSv1\nmode: enforce\nmx: mail.enforce.test\nmx: *.backup.test\nmax_age: 86400\n"
@@ -49,6 +50,7 @@ class Bed:
         lines = [
             "[server]",
             f"listen = [{json.dumps(listen)}]",
+            "allow_root = true",  # CI runs the tests as root
             "[dns]",
             f'nameservers = ["{self.dns.host}:{self.dns.port}"]',
             "timeout = 3.0",
@@ -322,3 +324,39 @@ async def test_unusable_store_is_one_line_exit_1(reactor: Any, tmp_path: Path) -
     _out, err, code = await run(reactor, ["query", "-c", str(path), "example.com"])
     assert code == 1
     assert err.count("\n") == 1 and "cannot open the store" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_page(reactor: Any, testbed: Bed) -> None:
+    """With [metrics] serve, a scrape shows the lookups postmap made: answers, cache hits and
+    misses, fetches by outcome and failure type, latency, policies cached."""
+    testbed.dns.set("_mta-sts.invalid.test", [("TXT", "v=STSv1; id=1")])
+    testbed.dns.set("mta-sts.invalid.test", [("A", testbed.https_host)])
+    testbed.https.set("mta-sts.invalid.test", policy(b"version: STSv1\nmode: sometimes\n"))
+    port, metrics_port = free_port(), free_port()
+    config = testbed.config(f"tcp:{port}:interface=127.0.0.1")
+    with config.open("a") as f:
+        f.write(f'[metrics]\nserve = "tcp:{metrics_port}"\n')
+    d = Daemon(config, testbed.tmp / "daemon.log")
+    d.start()
+    try:
+        await d.wait_listening(reactor, "127.0.0.1", port)
+        spec = f"socketmap:inet:127.0.0.1:{port}:postfix"
+        for key in ("enforce.test", "enforce.test", "[enforce.test]:25", "none.test",
+                    "norecord.test", "invalid.test"):  # fmt: skip
+            await postmap(reactor, key, spec)
+        samples = await scrape(reactor, f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        d.kill()
+    m = "postfix_mtasts_"
+    assert samples[(m + "lookups_total", "ok")] == 3
+    assert samples[(m + "lookups_total", "notfound")] == 3
+    assert samples[(m + "cache_hits_total", "")] == 2
+    assert samples[(m + "cache_misses_total", "")] == 4
+    assert samples[(m + "txt_lookups_total", "")] == 4
+    assert samples[(m + "fetches_total", "ok")] == 2
+    assert samples[(m + "fetches_total", "sts-policy-invalid")] == 1
+    assert samples[(m + "policies_cached", "")] == 2
+    assert samples[(m + "lookups_in_flight", "")] == 0
+    assert samples[(m + "lookup_seconds_count", "")] == 6
+    assert samples[(m + "lookup_seconds_bucket", "0.001")] >= 2  # the two cache hits

@@ -518,6 +518,7 @@ def write_config(path: Path, setup: Setup, **tlsrpt: str) -> Path:
     host, port = setup.dns.address
     extra = "".join(f"{key} = {value}\n" for key, value in tlsrpt.items())
     path.write_text(
+        "[server]\nallow_root = true\n"  # CI runs the tests as root
         f'[store]\npath = "{setup.store.path}"\n'
         f'[dns]\nnameservers = ["{host}:{port}"]\n'
         f'[https]\nca_file = "{setup.config.https.ca_file}"\n'

@@ -50,7 +50,7 @@ def write_log(path: Path, sessions: int, seed: int = 1) -> None:
 
 def config(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.toml"
-    path.write_text(f'[store]\npath = "{tmp_path / name}.sqlite"\n')
+    path.write_text(f'[server]\nallow_root = true\n[store]\npath = "{tmp_path / name}.sqlite"\n')
     return path
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import random
+from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -162,6 +163,8 @@ class PolicyResolver:
         self.stats: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "negative_hits", "txt_lookups", "fetches", "fetch_failures"), 0
         )
+        self.failure_types: Counter[str] = Counter()
+        """Failed fetches by RFC 8460 result type."""
 
     # -- the socketmap entry point -----------------------------------------------------------
 
@@ -192,6 +195,11 @@ class PolicyResolver:
             return entry.reply(options)
         self.stats["misses"] += 1
         return self.resolve(domain).addCallback(_reply_for, options)
+
+    @property
+    def cached(self) -> int:
+        """Policies held in memory."""
+        return len(self._memory)
 
     def load(self) -> int:
         """Fill memory from the store, most recently fetched first; returns the count."""
@@ -365,6 +373,7 @@ class PolicyResolver:
     ) -> Entry | None:
         now = self._clock.seconds()
         self.stats["fetch_failures"] += 1
+        self.failure_types[failure_type] += 1
         self._backoff[domain] = (txt_id, now + BACKOFF)
         try:
             self._store.record_failure(domain, now, failure_type, detail, txt_id)
