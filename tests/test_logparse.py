@@ -398,6 +398,54 @@ def test_year_follows_now() -> None:
 
 
 @pytest.mark.parametrize(
+    ("stamps", "expected"),
+    [
+        (
+            ["2026-11-23T08:00:00.5Z", "2026-11-23T08:00:07.250000Z", "2026-11-23T08:00:59Z"],
+            ["2026-11-23T08:00:00.5+00:00", "2026-11-23T08:00:07.25+00:00", "2026-11-23T08:00:59"],
+        ),
+        (
+            ["2026-11-23T09:00:01.123456+01:00", "2026-11-23T09:00:02.000001+01:00"],
+            ["2026-11-23T08:00:01.123456+00:00", "2026-11-23T08:00:02.000001+00:00"],
+        ),
+        (
+            ["Nov 23 08:00:00", "Nov 23 08:00:30", "Nov 23 08:00:59", "Nov 23 08:01:00"],
+            [
+                "2026-11-23T08:00:00",
+                "2026-11-23T08:00:30",
+                "2026-11-23T08:00:59",
+                "2026-11-23T08:01",
+            ],
+        ),
+        (
+            ["Nov 23 08:00:01", "Nov 23 08:00:60", "Nov 23 08:00:6x", "Nov 23 08:00:02"],
+            ["2026-11-23T08:00:01", None, None, "2026-11-23T08:00:02"],
+        ),
+        (
+            ["2026-11-23T08:00:01Z", "2026-11-23T08:00:60Z", "2026-11-23T08:00:1.5Z"],
+            ["2026-11-23T08:00:01", None, None],
+        ),
+        (
+            ["2026-11-23T08:00:01.Z", "2026-11-23T08:00:01.5xZ", "2026-11-23T08:00:01.25Z"],
+            [None, None, "2026-11-23T08:00:01.25"],
+        ),
+    ],
+)
+def test_stamps_within_a_minute(stamps: list[str], expected: list[str | None]) -> None:
+    """Stamps of one minute, read by one parser from its cache of minutes, keep their
+    seconds and fractions, and invalid seconds stay unreadable."""
+    parser = LineParser(UTC)
+    times = []
+    for stamp in stamps:
+        parsed = parser.parse(f"{stamp} mail postfix/smtp[1]: x", NOW)
+        times.append(None if parsed is None else parsed.time)
+    assert times == [
+        None if e is None else datetime.fromisoformat(e).replace(tzinfo=UTC).timestamp()
+        for e in expected
+    ]
+
+
+@pytest.mark.parametrize(
     ("tag", "syslog_name", "service"),
     [
         ("postfix/smtp", "postfix", "smtp"),

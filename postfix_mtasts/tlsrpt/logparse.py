@@ -177,6 +177,8 @@ _new_tuple = tuple.__new__
 _NO_TLSRPT = (None, None, None)
 _NOT_DIGIT = frozenset(" +-Zz")
 """What follows the six fraction digits of an rsyslog stamp: an offset, Z, or the host."""
+_SECONDS = {f"{n:02d}": float(n) for n in range(60)}
+"""The seconds of a stamp: reading them and checking them in one look-up."""
 
 
 class LineParser:
@@ -224,22 +226,7 @@ class LineParser:
             return None
         if now is not self._now:
             self._set_now(now)
-        if line[19:20] == "." and line[4:5] == "-" and s > 19:
-            # RFC 3339 with a fraction, which makes nearly every stamp distinct: the cache
-            # holds the stamp without it.  Six digits (rsyslog's) are the common case.
-            if line[26:27] in _NOT_DIGIT and line[20:26].isdigit() and line[20:26].isascii():
-                end = 26
-            else:
-                tail = line[20:s]
-                end = s - len(tail.lstrip("0123456789"))
-            hit = self._cache.get(line[:19] + line[end:s]) if end > 20 else None
-            if hit is None:
-                hit = self._fraction(line[:s])
-            else:
-                hit = hit[0] + float(line[19:end]), hit[1]
-        else:
-            prefix = line[:s] if s > 0 else ""
-            hit = self._cache.get(prefix) or self._remember(prefix)
+        hit = self._stamp(line, s)
         if hit is None:
             self.unreadable += 1
             return None
@@ -263,26 +250,47 @@ class LineParser:
             self._cache.clear()
         self._now = now
 
-    def _fraction(self, prefix: str) -> tuple[float, str | None] | None:
-        """Read an RFC 3339 C{prefix} with a fraction of a second, caching it without."""
-        tail = prefix[20:]
-        rest = tail.lstrip("0123456789")
-        digits = len(tail) - len(rest)
-        if not digits:
+    def _stamp(self, line: str, s: int) -> tuple[float, str | None] | None:
+        """The time and host of C{line[:s]}, the part before the process tag.
+
+        The cache holds minutes: a stamp is looked up without its seconds (and fraction),
+        which are then added to the minute's time, so that nearly every line finds its
+        minute in the cache, however many distinct stamps a log has.
+        """
+        if line[16:17] == ":" and line[4:5] == "-" and s >= 19:
+            # RFC 3339: 2026-11-22T06:00:03[.333321][+00:00] host
+            minute, end = 17, 19
+            if line[19:20] == ".":
+                if line[26:27] in _NOT_DIGIT and line[20:26].isdigit() and line[20:26].isascii():
+                    end = 26  # rsyslog's six digits, the common case
+                else:
+                    end = s - len(line[20:s].lstrip("0123456789"))
+                    if end == 20:
+                        return None
+        elif line[12:13] == ":" and line[3:4] == " " and s >= 15:
+            minute, end = 13, 15  # BSD syslog, postlogd: Nov 22 06:00:03 host
+        else:
+            prefix = line[:s] if s > 0 else ""
+            return self._cache.get(prefix) or self._remember(prefix, prefix)
+        seconds = _SECONDS.get(line[minute : minute + 2])
+        if seconds is None:
             return None
-        key = prefix[:19] + rest
-        hit = self._cache.get(key) or self._remember(key)
+        head, rest = line[:minute], line[end:s]
+        key = head + rest
+        hit = self._cache.get(key) or self._remember(key, head + "00" + rest)
         if hit is None:
             return None
-        return hit[0] + float(prefix[19 : 20 + digits]), hit[1]
+        if end > minute + 2:
+            return hit[0] + seconds + float(line[minute + 2 : end]), hit[1]
+        return hit[0] + seconds, hit[1]
 
-    def _remember(self, prefix: str) -> tuple[float, str | None] | None:
-        """Read C{prefix} (time stamp and host column) and cache it."""
+    def _remember(self, key: str, prefix: str) -> tuple[float, str | None] | None:
+        """Read C{prefix} (time stamp and host column) and cache it as C{key}."""
         hit = self._read(prefix.strip())
         if hit is not None:
             if len(self._cache) >= _STAMP_CACHE_SIZE:
                 self._cache.clear()
-            self._cache[prefix] = hit
+            self._cache[key] = hit
         return hit
 
     def _read(self, prefix: str) -> tuple[float, str | None] | None:
@@ -816,7 +824,7 @@ class SessionTracker:
         parse = parser.parse
         if now is not parser._now:
             parser._set_now(now)
-        cached = parser._cache.get
+        stamp = parser._stamp
         held = self._held
         smtp = self._smtp
         qmgr = bool(self._sender or self.skip_queue_ids)
@@ -834,19 +842,7 @@ class SessionTracker:
                 pid = line[k + 6 : i]
                 s = line.rfind(" ", 0, k)
                 if i > k + 6 and pid.isdigit() and pid.isascii() and s + 1 < k:
-                    if line[19:20] == "." and line[4:5] == "-" and s > 19:
-                        if (
-                            line[26:27] in _NOT_DIGIT
-                            and line[20:26].isdigit()
-                            and line[20:26].isascii()
-                        ):
-                            hit = cached(line[:19] + line[26:s])
-                            if hit is not None:
-                                hit = hit[0] + float(line[19:26]), hit[1]
-                        else:
-                            hit = None
-                    else:
-                        hit = cached(line[:s]) if s > 0 else None
+                    hit = stamp(line, s)
                     if hit is not None:
                         t = hit[0]
                         mark = len(out)
