@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.task import react
 from twisted.logger import (
     FileLogObserver,
@@ -33,7 +33,8 @@ from twisted.logger import (
 )
 
 from postfix_mtasts import __version__
-from postfix_mtasts.config import Config, ConfigError, StoreConfig, load_config
+from postfix_mtasts.config import Config, ConfigError, MetricsConfig, StoreConfig, load_config
+from postfix_mtasts.metrics import listen_metrics, make_registry, reporter_metrics
 from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
 from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.privileges import (
@@ -330,16 +331,27 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             os.set_blocking(sys.stdin.buffer.fileno(), False)
 
         async def run(_reactor: Any) -> None:
-            schedule = None
+            outbox = schedule = metrics = None
             if config.tlsrpt.send:
                 outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
                 schedule = DailySchedule(reactor, store, config, outbox, ingest.finish)
+            if config.metrics.tail:
+                where = MetricsConfig.loopback(config.metrics.tail)
+                registry = make_registry(reporter_metrics(follower, ingest, outbox, schedule))
+                try:
+                    metrics = await listen_metrics(reactor, where, registry)
+                except Exception as e:  # noqa: BLE001 (CannotListenError, OSError, ...)
+                    print(f"postfix-mtasts: cannot start: [metrics] tail: {e}", file=sys.stderr)
+                    raise SystemExit(EXIT_FAILED) from None
+            if schedule is not None:
                 schedule.start()
             try:
                 await follow_into(reactor, follower, ingest, progress.handle)
             finally:
                 if schedule is not None:
                     schedule.stop()
+                if metrics is not None:
+                    await maybeDeferred(metrics.stopListening)
 
         react(lambda r: ensureDeferred(run(r)))  # exits through SystemExit
     except SystemExit as e:

@@ -140,3 +140,43 @@ async def listen_metrics(
     site.noisy = False
     port: IListeningPort = await serverFromString(reactor, endpoint).listen(site)
     return port
+
+
+def reporter_metrics(
+    follower: Any, ingest: Any, outbox: Any | None = None, schedule: Any | None = None
+) -> Callable[[], Iterable[Metric]]:
+    """The ``tail`` service's collector: log lines, sessions by result, reports and sendings.
+
+    ``follower`` has ``lines_read``; ``ingest`` has ``tracker`` (with ``unparsed`` and
+    ``ignored``) and ``results``; ``outbox`` (``totals``) and ``schedule`` (``built``) are
+    there when the service sends reports itself.
+    """
+
+    def collect() -> Iterable[Metric]:
+        tracker = ingest.tracker
+        yield counter("log_lines_read_total", "Mail log lines read.", follower.lines_read)
+        skipped = {"not-understood": tracker.unparsed, "not-tls": tracker.ignored}
+        yield counter(
+            "log_lines_skipped_total",
+            "Lines that counted no session: not understood, or of no TLS session.",
+            skipped,
+            "why",
+        )
+        yield counter(
+            "sessions_total",
+            "TLS sessions counted, by result type.",
+            dict(ingest.results),
+            "result",
+        )
+        yield counter(
+            "reports_built_total", "Reports built.", 0 if schedule is None else schedule.built
+        )
+        yield counter(
+            "report_attempts_total",
+            "Report deliveries by the state they left: sent, pending (to be retried), failed or"
+            " expired (given up), dropped (another address took it), resolved (addresses found).",
+            {} if outbox is None else dict(outbox.totals),
+            "state",
+        )
+
+    return collect

@@ -21,7 +21,7 @@ import parsedmarc
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from postfix_mtasts.config import Config, HTTPSConfig, TLSRPTConfig
 from postfix_mtasts.mtasts.dns import DNSClient
@@ -42,9 +42,10 @@ from postfix_mtasts.tlsrpt.outbox import (
 )
 from postfix_mtasts.tlsrpt.report import PolicyKey, validate_report
 from tests.collectors import MailServer, ReportServer
-from tests.daemon import Daemon, run
+from tests.daemon import Daemon, free_port, run
 from tests.httpsserver import status
 from tests.pki import SNIContextFactory, TestCA
+from tests.scrape import scrape
 
 DAY = datetime.date(2026, 11, 22)
 MIDNIGHT = datetime.datetime(2026, 11, 23, tzinfo=datetime.UTC).timestamp()
@@ -565,7 +566,8 @@ async def test_report_send_command_fails_when_refused(
 
 @pytest_twisted.ensureDeferred
 async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_path: Path) -> None:
-    """With send = true, the running tail service queues the finished day and delivers it."""
+    """With send = true, the running tail service queues the finished day and delivers it;
+    its metrics page counts the log lines, the sessions, the report built and its sending."""
     day = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=2)
     policy = PolicyKey("no-policy-found", "tail.example")
     counts = {count_row(CountKey(day.isoformat(), policy, "success")): 5}
@@ -573,8 +575,24 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
     setup.store.set_meta(QUEUED_THROUGH, (day - datetime.timedelta(days=1)).isoformat())
     setup.dns.set("_smtp._tls.tail.example", [("TXT", f"v=TLSRPTv1; rua={setup.url}")])
     config = write_config(tmp_path / "c.toml", setup, send="true", send_delay="0")
+    metrics_port = free_port()
+    with config.open("a") as f:
+        f.write(f'[metrics]\ntail = "tcp:{metrics_port}"\n')
     log = tmp_path / "mail.log"
-    log.write_text("")
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    lines = [
+        (0, 7, "Verified TLS connection established to mx.example.net[192.0.2.25]:25:"
+               " TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
+        (1, 7, "4F9D83C1E2: to=<a@example.net>, relay=mx.example.net[192.0.2.25]:25,"
+               " delay=1, delays=0/0/0.5/0.5, dsn=2.0.0, status=sent (250 2.0.0 Ok)"),
+        (60, 8, "connect to mx.example.org[192.0.2.26]:25: Connection timed out"),
+    ]  # fmt: skip
+    log.write_text(
+        "".join(
+            f"{(now + datetime.timedelta(seconds=s)).isoformat()} mx postfix/smtp[{pid}]: {m}\n"
+            for s, pid, m in lines
+        )
+    )
     daemon = Daemon(config, tmp_path / "tail.out")
     daemon.start(args=("tail", str(log)))
 
@@ -584,6 +602,20 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
 
     try:
         await daemon.wait_until(reactor, received)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        m = "postfix_mtasts_"
+        for _ in range(100):  # the totals are added when the whole sending round ends
+            samples = await scrape(reactor, url)
+            if (m + "report_attempts_total", "sent") in samples:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert samples[(m + "log_lines_read_total", "")] == 3
+        assert samples[(m + "log_lines_skipped_total", "not-understood")] == 0
+        assert samples[(m + "sessions_total", "success")] == 1
+        # Two finished days have counts: the setup's example.net and this test's tail.example.
+        assert samples[(m + "reports_built_total", "")] == 2, daemon.output()
+        # example.net's report goes to its two addresses at once, tail.example's to one.
+        assert samples[(m + "report_attempts_total", "sent")] == 3, daemon.output()
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait_exit(reactor) == 0
     finally:

@@ -220,6 +220,7 @@ class _SenderFactory(smtp.ESMTPSenderFactory):
 
     protocol = _Sender
     sender: _Sender | None = None
+    noisy = False  # no "Starting factory" line per report
 
     def buildProtocol(self, addr: Any) -> _Sender:
         base: Any = super()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -48,6 +49,8 @@ class Ingest:
         )
         self._aggregator = Aggregator(store.events, now=now)
         self.sessions = 0
+        self.results: Counter[str] = Counter()
+        """Sessions committed since start, by result type (``success`` or a failure)."""
 
     def handle(self, lines: list[bytes], position: Position | None) -> None:
         """Count the sessions ``lines`` complete and commit them with ``position``."""
@@ -75,10 +78,13 @@ class Ingest:
     def _commit(self, position: Position | None) -> None:
         if position is not None:
             self.position = position
-        counts = {count_row(k): n for k, n in self._aggregator.take().items()}
+        taken = self._aggregator.take()
+        counts = {count_row(k): n for k, n in taken.items()}
         state = pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
         where = None if self.position is None else self.position.to_json()
         self._store.commit_counts(self._source, where, counts, self._now(), state)
+        for key, n in taken.items():
+            self.results[key.result] += n
 
 
 RELEASE_INTERVAL = 30.0
