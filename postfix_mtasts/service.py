@@ -26,10 +26,15 @@ from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
 from postfix_mtasts.mtasts.fetch import PolicyFetcher
 from postfix_mtasts.mtasts.resolver import PolicyResolver
 from postfix_mtasts.socketmap import Lookup, SocketmapFactory
-from postfix_mtasts.store import Store
+from postfix_mtasts.store import Store, StoreError
 
 REFRESH_TICK = 30.0
 """Seconds between two looks for policies due for a refresh."""
+
+EVENTS_KEPT = 32 * 86400.0
+"""Seconds the store keeps the policy events the reporter reads (each domain's latest stays)."""
+PRUNE_TICK = 6 * 3600.0
+"""Seconds between two prunings of old policy events (the first at start)."""
 
 log = Logger()
 
@@ -68,9 +73,11 @@ class PolicyMap(MultiService):
         self._reactor = reactor
         self.endpoints = [(d, _endpoint(reactor, d)) for d in config.server.listen]
         self.ports: list[Any] = []
-        timer = TimerService(REFRESH_TICK, self.resolver.refresh_due)
-        timer.clock = reactor
-        timer.setServiceParent(self)
+        for interval, call in ((REFRESH_TICK, self.resolver.refresh_due),
+                               (PRUNE_TICK, self.prune_events)):  # fmt: skip
+            timer = TimerService(interval, call)
+            timer.clock = reactor
+            timer.setServiceParent(self)
 
     async def listen(self, bound: Callable[[], object] | None = None) -> None:
         """Listen on every endpoint (and the metrics one), call ``bound``, load the held
@@ -117,6 +124,16 @@ class PolicyMap(MultiService):
             log.info("postfix-mtasts map stopped")
 
         return ensureDeferred(stop())
+
+    def prune_events(self) -> None:
+        """Forget policy events older than :data:`EVENTS_KEPT`, keeping each domain's last."""
+        try:
+            count = self.store.prune_events(self._reactor.seconds() - EVENTS_KEPT)
+        except StoreError as e:
+            log.error("pruning old policy events: {error}", error=str(e))
+            return
+        if count:
+            log.info("forgot {count} policy events older than 32 days", count=count)
 
     async def _close_ports(self) -> None:
         for port in self.ports:
