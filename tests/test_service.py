@@ -26,7 +26,7 @@ def test_old_policy_events_are_pruned_at_start_and_every_tick(tmp_path: Path) ->
     def ages(domain: str) -> list[float]:
         return [(NOW - e.at) / DAY for e in store.events(domain, 0.0, NOW + 365 * DAY)]
 
-    policy_map.startService()
+    policy_map.startService()  # type: ignore[no-untyped-call]
     try:
         assert ages("a.example") == [1]
         assert ages("b.example") == [50]  # the domain's latest: what applies to it now
