@@ -585,7 +585,8 @@ _EP_COLON_RE = re.compile(_EP + r": ")
 _ENDPOINT_LINE_RE = re.compile(r"[^\s\[\]:,]+\[[^\]\s]*\](?::\d+)?: ")
 _QID_RE = re.compile(r"([0-9A-F]{5,}|[0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z]{10,}): ")
 _match_qid = _QID_RE.match
-_TO_RE = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,\s]*)")
+_DELIVERY_RE = re.compile(_QID_RE.pattern + r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,\s]*)")
+_match_delivery = _DELIVERY_RE.match
 _HOST_RE = re.compile(r"host " + _EP)
 _TLSA_LOOKUP_RE = re.compile(r"TLSA lookup error for ([^\s:\[\]]+):(\d+)")
 _BRACKET_IP_RE = re.compile(r"\[([0-9A-Fa-f:.]+)\]")
@@ -685,6 +686,22 @@ def _relay(relay: str) -> tuple[str, str, int] | None:
         return None
     port = relay[e + 2 :] if relay[e + 1 : e + 2] == ":" else ""
     return relay[:b].lower().rstrip("."), relay[b + 1 : e], int(port) if port.isdigit() else 0
+
+
+_RELAYS: dict[str, tuple[str, str, int, bool]] = {}
+_NOT_MX = ("", "", 0, True)
+
+
+def _read_relay(relay: str) -> tuple[str, str, int, bool]:
+    """C{(host, ip, port, local)} of a C{relay=} value, where local means no MX session of
+    its own (§7.5): C{relay=none}, a UNIX socket, a loopback hop.  Cached: the same relays
+    come back with the deliveries to them."""
+    parsed = _relay(relay)
+    hit = _NOT_MX if parsed is None else (*parsed, _is_local(parsed[1]))
+    if len(_RELAYS) >= 4096:
+        _RELAYS.clear()
+    _RELAYS[relay] = hit
+    return hit
 
 
 _LOOPBACK_PREFIXES = ("127.", "::ffff:127.")
@@ -939,20 +956,24 @@ class SessionTracker:
             proc = self._procs[key] = _Proc(t)
         else:
             proc.last = t
-        q = _match_qid(m)
-        if q is not None:
-            end = q.end()
-            if m.startswith("to=<", end):
-                self._delivery(proc, q[1], m[end:], t, out, mark=mark)
-            else:
-                self._attempt(proc, q[1], m[end:], t, out)
-            return
-        if m.startswith(_TRUSTS):
+        if m.startswith(_TRUSTS):  # the commonest lines, with the deliveries
             summary = _SUMMARY_RE.match(m)
             if summary is not None and summary.group(3) == "to":
                 self._summary(proc, summary, t, out)
             else:
                 self._unparsed += 1
+            return
+        delivery = _match_delivery(m)
+        if delivery is not None:
+            self._delivery(proc, delivery, t, out, mark)
+            return
+        q = _match_qid(m)
+        if q is not None:
+            end = q.end()
+            if m.startswith("to=<", end):
+                self._unparsed += 1  # a delivery line of no known shape
+            else:
+                self._attempt(proc, q[1], m[end:], t, out)
             return
         if m.startswith(_CERT_FAILED):
             verify = _VERIFY_RE.match(m)
@@ -1092,14 +1113,10 @@ class SessionTracker:
         proc.waiting.append(o)
 
     def _delivery(
-        self, proc: _Proc, qid: str, rest: str, t: float, out: list[Session], *, mark: int
+        self, proc: _Proc, m: re.Match[str], t: float, out: list[Session], mark: int
     ) -> None:
         """C{QID: to=<rcpt>, relay=H[A]:P, ..., status=S (reason)}: the delivery's end."""
-        m = _TO_RE.match(rest)
-        if m is None:
-            self._unparsed += 1
-            return
-        relay_text = m[2]
+        qid, address, relay_text = m.groups()
         key = (qid, relay_text)
         if key == proc.last_key and proc.open is None:
             self._ignored += 1  # another recipient of the same session
@@ -1107,18 +1124,18 @@ class SessionTracker:
         proc.last_key = key
         if proc.held is not None:
             self._release(proc, out)
-        domain = _domain(m[1])
-        reason = _status_reason(rest, m.end())
+        domain = _domain(address)
+        reason = _status_reason(m.string, m.end())
         ev = _reason_evidence(reason, proc.pending_dns) if reason else None
         proc.pending_dns = proc.pending_lib = None
         if ev == "config":
             self.config_problems += 1
             ev = None
         evidence = ev if isinstance(ev, tuple) else None
-        relay = _relay(relay_text)
+        host, ip, port, local = _RELAYS.get(relay_text) or _read_relay(relay_text)
         session: _Open | None = None
         o, proc.open = proc.open, None
-        if relay is None or _is_local(relay[1]):
+        if local:
             # relay=none, a UNIX socket or a loopback hop: no MX session of its own (§7.5).
             if relay_text == "none":
                 if evidence is not None and evidence[0] in _DANE_ONLY:
@@ -1127,26 +1144,24 @@ class SessionTracker:
                 if o is not None:
                     proc.waiting.append(o)  # an earlier MX of this delivery
             # Otherwise the open session, if any, was with that local hop: dropped.
+        elif o is not None and o.same(host, ip):
+            o.fill(host, ip, port)
+            if evidence is not None:
+                o.add(evidence[0], evidence[1], evidence[2])
+            session = o
         else:
-            host, ip, port = relay
-            if o is not None and o.same(host, ip):
-                o.fill(host, ip, port)
-                if evidence is not None:
-                    o.add(evidence[0], evidence[1], evidence[2])
-                session = o
-            else:
-                if o is not None:
-                    proc.waiting.append(o)
-                if proc.reused is not None and proc.reused in (ip, host):
-                    proc.reused = None
-                elif not any(w.queue_id == qid and w.same(host, ip) for w in proc.waiting):
-                    session = self._from_proxy(ip, t)
-                    if session is None and evidence is not None:
-                        session = _Open(t, host, ip, port)
-                    if session is not None:
-                        session.fill(host, ip, port)
-                        if evidence is not None:
-                            session.add(evidence[0], evidence[1], evidence[2])
+            if o is not None:
+                proc.waiting.append(o)
+            if proc.reused is not None and proc.reused in (ip, host):
+                proc.reused = None
+            elif not any(w.queue_id == qid and w.same(host, ip) for w in proc.waiting):
+                session = self._from_proxy(ip, t)
+                if session is None and evidence is not None:
+                    session = _Open(t, host, ip, port)
+                if session is not None:
+                    session.fill(host, ip, port)
+                    if evidence is not None:
+                        session.add(evidence[0], evidence[1], evidence[2])
         for w in proc.waiting:
             if w.queue_id in (qid, None):
                 w.queue_id = qid
