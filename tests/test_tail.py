@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from postfix_mtasts.config import TLSRPTConfig
-from postfix_mtasts.store import Store
+from postfix_mtasts.store import OutboxRow, Store
 from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into
 from postfix_mtasts.tlsrpt.tailer import LogFollower
 
@@ -161,4 +162,90 @@ def test_following_a_quiet_log_counts_the_last_delivery(tmp_path: Path) -> None:
     clock.advance(1.0)
     assert done.called
     follower.close()
+    store.close()
+
+
+def report_mail_log(sessions: dict[str, int], qmgr_from: str = "") -> list[bytes]:
+    """One delivery session to d<n>.example per queue id and n of ``sessions``, after a qmgr
+    ``from=<qmgr_from>`` line when it is given."""
+    lines = []
+    for qid, n in sessions.items():
+        t = f"12:00:{n:02d}+00:00"
+        if qmgr_from:
+            lines.append(
+                f"2026-11-22T{t} mail postfix/qmgr[77]: {qid}: from=<{qmgr_from}>, size=1,"
+                " nrcpt=1 (queue active)"
+            )
+        lines.append(TLS.format(t=t, pid=1000 + n, trust="Verified", n=1, d=n))
+        lines.append(SENT.format(t=t, pid=1000 + n, qid=qid, n=1, d=n))
+    return [line.encode() for line in lines]
+
+
+def record_report_mail(store: Store, qid: str) -> None:
+    """Record ``qid`` as the queue id of report mail handed to the MTA, as the outbox does."""
+    row = OutboxRow(
+        "2026-11-21", "d1.example", "mailto:r@d1.example", "sent", 1, 1.0, 1.0, "", qid, 1.0
+    )
+    store.update_outbox(row)
+
+
+def domains_counted(store: Store) -> set[str]:
+    return {row[1] for row, _ in store.day_counts("2026-11-22")}
+
+
+@pytest.mark.parametrize("recorded", ["before the start", "between batches"])
+def test_report_mail_sessions_are_not_counted(tmp_path: Path, recorded: str) -> None:
+    """A session whose queue id the store records as report mail is not counted, with no qmgr
+    from= line, whether the id was recorded before Ingest started or while it ran."""
+    store = Store(tmp_path / "s.sqlite")
+    if recorded == "before the start":
+        record_report_mail(store, "0000000BBB")
+    ingest = Ingest(store, TLSRPTConfig(), "mail.log")
+    ingest.handle(report_mail_log({"0000000AAA": 0}), None)
+    if recorded == "between batches":
+        record_report_mail(store, "0000000BBB")
+    ingest.handle(report_mail_log({"0000000BBB": 1, "0000000CCC": 2}), None)
+    ingest.finish()
+    assert domains_counted(store) == {"d0.example", "d2.example"}
+    store.close()
+
+
+def test_report_mail_ids_are_read_once(tmp_path: Path) -> None:
+    """After a restart, Ingest goes on from the last report mail row it read with the saved
+    tracker, and a new row is seen by the next batch."""
+    store = Store(tmp_path / "s.sqlite")
+    record_report_mail(store, "0000000AAA")
+    ingest = Ingest(store, TLSRPTConfig(), "mail.log")
+    ingest.handle(report_mail_log({"0000000DDD": 4}), None)
+    assert (ingest.tracker.skip_mark, ingest.tracker.skip_queue_ids) == (1, {"0000000AAA"})
+    restarted = Ingest(store, TLSRPTConfig(), "mail.log")
+    record_report_mail(store, "0000000BBB")
+    restarted.handle(report_mail_log({"0000000BBB": 1, "0000000CCC": 2}), None)
+    restarted.finish()
+    assert restarted.tracker.skip_mark == 2
+    assert restarted.tracker.skip_queue_ids == {"0000000AAA", "0000000BBB"}
+    assert domains_counted(store) == {"d2.example", "d4.example"}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "sender"),
+    [
+        (TLSRPTConfig(mail_from="Reports@Example.ORG"), "reports@example.org"),
+        (TLSRPTConfig(contact_info="mailto:tlsrpt@example.org"), "tlsrpt-noreply@example.org"),
+    ],
+)
+def test_report_sender_is_the_configured_sender(
+    tmp_path: Path, config: TLSRPTConfig, sender: str
+) -> None:
+    """Sessions of mail from [tlsrpt] mail_from, else from tlsrpt-noreply@<submitter>, are not
+    counted, also by a tracker restored from the store."""
+    store = Store(tmp_path / "s.sqlite")
+    Ingest(store, TLSRPTConfig(), "mail.log").finish()  # saves a tracker
+    ingest = Ingest(store, config, "mail.log")
+    assert ingest.tracker.report_sender == sender
+    ingest.handle(report_mail_log({"0000000AAA": 1}, qmgr_from=sender.upper()), None)
+    ingest.handle(report_mail_log({"0000000BBB": 2}, qmgr_from="someone@example.org"), None)
+    ingest.finish()
+    assert domains_counted(store) == {"d2.example"}
     store.close()

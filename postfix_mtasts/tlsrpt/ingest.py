@@ -44,9 +44,8 @@ class Ingest:
         self._now = now
         position, state = store.log_position(source)
         self.position = Position.from_json(position) if position else None
-        self.tracker = _restore(state) or SessionTracker(
-            report_sender=config.mail_from, tz=config.log_tzinfo
-        )
+        self.tracker = _restore(state) or SessionTracker(tz=config.log_tzinfo)
+        self.tracker.report_sender = config.sender
         self._aggregator = Aggregator(store.events, now=now)
         self.sessions = 0
         self.results: Counter[str] = Counter()
@@ -55,6 +54,7 @@ class Ingest:
     def handle(self, lines: list[bytes], position: Position | None) -> None:
         """Count the sessions ``lines`` complete and commit them with ``position``."""
         if lines:
+            self._skip_report_mail()
             today = datetime.datetime.fromtimestamp(self._now(), datetime.UTC)
             # One decode for the batch: "\n" never occurs inside a UTF-8 sequence, so each
             # line decodes as it would alone, bad bytes included.
@@ -68,6 +68,14 @@ class Ingest:
         delivery line stay open for more input."""
         self._add(self.tracker.release())
         self._commit(self.position)
+
+    def _skip_report_mail(self) -> None:
+        """Tell the tracker the queue ids of the report mail recorded since the last look
+        (reference/tlsrpt.md §6): the sessions that carry it are not counted, even when its
+        qmgr ``from=`` line is missing."""
+        tracker = self.tracker
+        ids, tracker.skip_mark = self._store.report_mail_ids(tracker.skip_mark)
+        tracker.skip_queue_ids.update(ids)
 
     def _add(self, sessions: list[Session]) -> None:
         add = self._aggregator.add

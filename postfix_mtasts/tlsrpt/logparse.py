@@ -789,16 +789,21 @@ class SessionTracker:
     logs its next line, C{HOLD_SECONDS} of log time pass, or L{flush}, because a Postfix
     3.10 C{TLSRPT:} status about it may follow the delivery line.
 
-    @param report_sender: C{[tlsrpt] mail_from}: queue ids whose qmgr line shows
-        C{from=<it>} are added to L{skip_queue_ids} (§6).
+    @param report_sender: the envelope sender of report mail (L{report_sender}).
     @param tz: the zone of log stamps that carry none (C{None}: local time).
+    """
+
+    skip_mark = 0
+    """Where the caller last read the queue ids it adds to L{skip_queue_ids} (for the
+    reporter, the store's C{report_mail} row); it is saved with them, in the pickled tracker.
     """
 
     def __init__(self, *, report_sender: str = "", tz: tzinfo | None = None) -> None:
         self._sender = report_sender.lower()
         self._parser = LineParser(tz)
         self.skip_queue_ids: set[str] = set()
-        """Queue ids of report mail, whose sessions are never emitted."""
+        """Queue ids of report mail, whose sessions are never emitted; each is forgotten
+        when qmgr logs it C{removed}."""
         self.config_problems = 0
         """Local configuration and policy-lookup problems seen (§7.5)."""
         self._unparsed = 0
@@ -809,6 +814,16 @@ class SessionTracker:
         self._proxy: dict[str, list[_Open]] = {}
         self._proxy_order: deque[tuple[float, str, _Open]] = deque()
         self._next_sweep = 0.0
+
+    @property
+    def report_sender(self) -> str:
+        """The envelope sender of report mail (lower case): queue ids whose qmgr line shows
+        C{from=<it>} are added to L{skip_queue_ids} (§6)."""
+        return self._sender
+
+    @report_sender.setter
+    def report_sender(self, sender: str) -> None:
+        self._sender = sender.lower()
 
     @property
     def unparsed(self) -> int:
@@ -832,9 +847,9 @@ class SessionTracker:
 
         Most lines of a mail log belong to other services: a line without C{/smtp[},
         C{/tlsproxy[} (or C{/qmgr[} while report mail is watched for) cannot carry one of
-        their process tags, and is skipped before it is parsed.  An smtp line whose stamp is
-        in the parser's cache is split here, without a L{LogLine}; any other goes through
-        L{LineParser.parse}, with the same result.
+        their process tags, and is skipped before it is parsed, and so is a qmgr line that
+        names no report mail.  An smtp line is split here, without a L{LogLine}; any other
+        goes through L{LineParser.parse}, with the same result.
         """
         out: list[Session] = []
         parser = self._parser
@@ -850,7 +865,9 @@ class SessionTracker:
         for line in lines:
             k = line.find("/smtp[")
             if k < 0:
-                if "/tlsproxy[" not in line and (not qmgr or "/qmgr[" not in line):
+                if "/tlsproxy[" not in line and not (
+                    qmgr and "/qmgr[" in line and self._may_be_report_mail(line)
+                ):
                     skipped += 1
                     continue
             else:
@@ -933,6 +950,15 @@ class SessionTracker:
         return out
 
     # --- qmgr: report mail (§6) -------------------------------------------------------------
+
+    def _may_be_report_mail(self, line: str) -> bool:
+        """Whether a raw qmgr line may be about report mail: C{from=<sender>}, or C{removed}
+        while queue ids are skipped.  The others, most qmgr lines, are skipped unparsed."""
+        if self.skip_queue_ids and ": removed" in line:
+            return True
+        sender = self._sender
+        f = line.find("from=<")
+        return f > 0 and bool(sender) and line[f + 6 : f + 7 + len(sender)].lower() == sender + ">"
 
     def _qmgr(self, m: str) -> None:
         c = m.find(": ")
