@@ -8,12 +8,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
+from OpenSSL._util import lib as openssl
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from postfix_mtasts import __version__
+from postfix_mtasts.mtasts import fetch
 from postfix_mtasts.mtasts.fetch import (
     MAX_BODY,
     STS_FETCH_ERROR,
@@ -152,10 +157,15 @@ async def test_sni_names_policy_host(server, make_fetcher):
     assert [r.host for r in server.requests] == [HOST]
 
 
+@pytest.mark.parametrize(
+    "names",
+    [["*.example.test"], ["MTA-STS.Example.Test"], ["other.test", HOST]],
+    ids=["wildcard", "upper-case", "second-name"],
+)
 @pytest_twisted.ensureDeferred
-async def test_wildcard_certificate(make_fetcher, sni):
-    """A certificate for *.example.test covers mta-sts.example.test."""
-    sni.set_certificate(HOST, *CA.issue(["*.example.test"]))
+async def test_certificate_names_accepted(make_fetcher, sni, names):
+    """A DNS-ID covers the policy host whatever its case, as a wildcard, or as one of several."""
+    sni.set_certificate(HOST, *CA.issue(names))
     assert await make_fetcher().fetch(DOMAIN) == GOOD_POLICY
 
 
@@ -165,10 +175,20 @@ async def test_wildcard_certificate(make_fetcher, sni):
         (lambda: untrusted_leaf([HOST]), "unable to get local issuer certificate"),
         (lambda: wrong_name_leaf(CA), f"certificate not valid for {HOST}"),
         (lambda: CA.issue(["*.sub.example.test"]), f"certificate not valid for {HOST}"),
+        (lambda: CA.issue(["mta-*.example.test"]), f"certificate not valid for {HOST}"),
+        (lambda: CA.issue(["*.test"]), f"certificate not valid for {HOST}"),
         (lambda: expired_leaf(CA, [HOST]), "certificate has expired"),
         (lambda: not_yet_valid_leaf(CA, [HOST]), "certificate is not yet valid"),
     ],
-    ids=["untrusted-ca", "wrong-name", "wildcard-too-deep", "expired", "not-yet-valid"],
+    ids=[
+        "untrusted-ca",
+        "wrong-name",
+        "wildcard-too-deep",
+        "partial-wildcard",
+        "wildcard-too-shallow",
+        "expired",
+        "not-yet-valid",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_certificate_problems(server, make_fetcher, sni, leaf, detail):
@@ -178,6 +198,16 @@ async def test_certificate_problems(server, make_fetcher, sni, leaf, detail):
     assert e.failure_type == STS_WEBPKI_INVALID
     assert detail in e.detail
     assert server.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_check_in_python_when_openssl_cannot(make_fetcher, sni, monkeypatch):
+    """Without OpenSSL's host check functions, service_identity decides the same way."""
+    monkeypatch.setattr(fetch, "_HOST_CHECK", False)
+    assert await make_fetcher().fetch(DOMAIN) == GOOD_POLICY
+    sni.set_certificate(HOST, *wrong_name_leaf(CA))
+    e = await fetch_error(make_fetcher())
+    assert (e.failure_type, e.detail) == (STS_WEBPKI_INVALID, f"certificate not valid for {HOST}")
 
 
 @pytest_twisted.ensureDeferred
@@ -501,6 +531,48 @@ async def test_tls_1_1_server_refused(reactor, ca_file):
     assert e.failure_type == STS_FETCH_ERROR
     assert e.detail.startswith("TLS error")
     assert srv.requests == []
+
+
+@implementer(IOpenSSLContextFactory)
+class GroupsContextFactory:
+    """A server context for HOST that accepts only the key exchange ``groups``."""
+
+    def __init__(self, groups: bytes) -> None:
+        self._context = server_options(*CA.issue([HOST])).getContext()
+        assert openssl.SSL_CTX_set1_curves_list(self._context._context, groups) == 1
+
+    def getContext(self) -> SSL.Context:
+        """The restricted context."""
+        return self._context
+
+
+@pytest.mark.parametrize(
+    ("groups", "fetched"),
+    [
+        (b"X25519", True),
+        (b"P-256", True),
+        (b"P-384", True),
+        (b"X25519MLKEM768", False),
+        (b"X448", False),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_classical_key_exchange_groups_only(reactor, ca_file, groups, fetched):
+    """Policy hosts are offered X25519, P-256 and P-384, and no post-quantum hybrid."""
+    srv = PolicyServer(reactor, GroupsContextFactory(groups), {HOST: policy()})
+    await srv.start()
+    try:
+        fetcher = PolicyFetcher(reactor, FakeResolve("127.0.0.1"), ca_file, port=srv.port)
+        if fetched:
+            assert await fetcher.fetch(DOMAIN) == GOOD_POLICY
+        else:
+            e = await fetch_error(fetcher)  # the server alerts: no group in common
+            assert (e.failure_type, e.detail) == (
+                STS_FETCH_ERROR,
+                "TLS error: tls alert handshake failure",
+            )
+    finally:
+        await srv.stop()
 
 
 def test_deadline_covers_resolving():
