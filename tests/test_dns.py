@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -673,3 +674,45 @@ def test_response_check_matches_dnspython() -> None:
         assert query.answered_by(wire) == expected, label
     assert query.answered_by(cases["plain"]) and query.answered_by(cases["case changed"])
     assert not query.answered_by(cases["other question"])
+
+
+def _answer_wire(query: _Query, answers: list[dns.rrset.RRset], *, compress: bool) -> bytes:
+    """A NOERROR response to ``query`` with ``answers``, names compressed or written out."""
+    wire = query.to_wire()
+    header = wire[:2] + b"\x81\x80\x00\x01" + len(answers).to_bytes(2, "big") + b"\x00" * 4
+    question_end = 12 + len(query.qname.to_wire() or b"") + 4
+    out = io.BytesIO(header + wire[12:question_end])
+    out.seek(0, io.SEEK_END)
+    compression: dict[dns.name.Name, int] | None = {query.qname: 12} if compress else None
+    for rrset in answers:
+        rrset.to_wire(out, compress=compression)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compressed", "written-out"])
+def test_answer_owners_as_dnspython_reads_them(compress: bool) -> None:
+    """The answer records and their owners are what dnspython reads, compressed or not."""
+    name = dns.name.from_text("_mta-sts.Example.test.")
+    query = _Query(name, dns.rdatatype.TXT)
+    answers = [
+        dns.rrset.from_text("_MTA-STS.example.TEST.", 300, "IN", "CNAME", "target.test."),
+        dns.rrset.from_text(name, 300, "IN", "TXT", '"v=STSv1; id=a"'),
+        dns.rrset.from_text("target.test.", 300, "IN", "TXT", '"v=STS" "v1; id=b"'),
+        dns.rrset.from_text("target.test.", 300, "IN", "A", "192.0.2.1"),
+        dns.rrset.from_text(name, 300, "CH", "TXT", '"chaos"'),
+    ]
+    wire = _answer_wire(query, answers, compress=compress)
+    assert (b"\xc0\x0c" in wire) == compress
+    response = mtasts_dns._response_to(query, wire)
+    assert response is not None
+    expected = [
+        (rrset.name, rdata)
+        for rrset in dns.message.from_wire(wire).answer
+        if rrset.rdclass == dns.rdataclass.IN and rrset.rdtype != dns.rdatatype.A
+        for rdata in rrset
+    ]
+    assert response.records == expected
+    assert response.cname(name) == dns.name.from_text("target.test.")
+    assert response.rdatas(dns.name.from_text("target.test."), dns.rdatatype.TXT) == [
+        expected[2][1]
+    ]

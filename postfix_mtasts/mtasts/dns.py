@@ -200,13 +200,14 @@ class _Query:
     the name put in. The name keeps the case it was asked in.
     """
 
-    __slots__ = ("_question", "_wire", "id", "rdtype")
+    __slots__ = ("_question", "_wire", "id", "qname", "rdtype")
 
     def __init__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
         template = _template(rdtype)
         name = qname.to_wire()
         assert name is not None  # to_wire() without a file returns the bytes
         self.id = secrets.randbits(16)
+        self.qname = qname
         self.rdtype = rdtype
         self._wire = b"".join((self.id.to_bytes(2, "big"), template[2:12], name, template[13:]))
         self._question = (name + template[13:17]).lower()
@@ -253,6 +254,16 @@ class _Response:
         return [r for name, r in self.records if r.rdtype == rdtype and name == owner]
 
 
+_QUESTION_POINTER = b"\xc0\x0c"
+"""A compressed name pointing at offset 12: the question's name."""
+
+
+@functools.cache
+def _rdata_class(rdtype: int) -> Any:
+    """dnspython's class for IN records of ``rdtype`` (its own lookup costs more each time)."""
+    return dns.rdata.get_rdata_class(_IN, dns.rdatatype.RdataType.make(rdtype))  # type: ignore[no-untyped-call]
+
+
 def _response_to(query: _Query, wire: bytes) -> _Response | None:
     """The response in ``wire`` if it answers ``query``, else None.
 
@@ -270,13 +281,19 @@ def _response_to(query: _Query, wire: bytes) -> _Response | None:
     try:
         parser = dns.wire.Parser(wire, query.question_end)
         for _ in range(int.from_bytes(wire[6:8], "big")):
-            owner = parser.get_name(decompress=True)
+            if wire[parser.current : parser.current + 2] == _QUESTION_POINTER:
+                # Owned by the question's name (which answered_by compared with ours):
+                # the usual case, and reading a name is the costliest step here.
+                owner = query.qname
+                parser.seek(parser.current + 2)
+            else:
+                owner = parser.get_name(decompress=True)
             rrtype, rrclass, _ttl, length = parser.get_struct("!HHIH")
             if rrclass != _IN or rrtype not in (query.rdtype, dns.rdatatype.CNAME):
                 parser.seek(parser.current + length)
                 continue
             with parser.restrict_to(length):
-                rdata = dns.rdata.from_wire_parser(rrclass, rrtype, parser)
+                rdata = _rdata_class(rrtype).from_wire_parser(_IN, rrtype, parser)
             records.append((owner, rdata))
     except Exception:  # noqa: BLE001 - untrusted bytes: whatever fails to parse is not an answer
         return None
