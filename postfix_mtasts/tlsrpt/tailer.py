@@ -45,8 +45,11 @@ from twisted.logger import Logger
 HEAD_SIZE = 4096
 """How many leading bytes of a file identify it in a :class:`Position`."""
 
-CHUNK = 1 << 18
-"""The default read size (256 KiB): the fastest measured; 1 MiB reads were slower."""
+CHUNK = 1 << 20
+"""The default read size (1 MiB).  Each batch is committed with the tracker's state, which
+costs about 4 ms of CPU whatever its length: with 256 KiB reads (about 1,500 lines) that
+was a quarter of ``tail --once``'s time, with 1 MiB reads about a tenth, for 5 MiB more peak
+memory."""
 
 _log = Logger()
 
