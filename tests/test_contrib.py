@@ -41,7 +41,7 @@ from tests.daemon import (
 )
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
-BINARY = "/usr/bin/postfix-mtasts"
+BINARY = "/usr/local/bin/postfix-mtasts"
 CONFIG = "/etc/postfix-mtasts/postfix-mtasts.toml"
 USER = "postfix-mtasts"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
