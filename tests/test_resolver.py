@@ -13,7 +13,7 @@ from postfix_mtasts.mtasts.dns import DNSFailure
 from postfix_mtasts.mtasts.fetch import STS_FETCH_ERROR, STS_POLICY_INVALID, FetchError
 from postfix_mtasts.mtasts.policy import NOTFOUND, ReplyOptions
 from postfix_mtasts.mtasts.resolver import BACKOFF, GRACE, NEGATIVE_TTL, PolicyResolver
-from postfix_mtasts.store import Store
+from postfix_mtasts.store import Store, StoredPolicy
 
 ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.example.net\nmax_age: 86400\n"
 ENFORCE_REPLY = b"OK secure match=mx1.example.com:.example.net servername=hostname"
@@ -116,6 +116,21 @@ def test_miss_fetches_then_hits_from_memory(world: World) -> None:
     assert hit == framed(ENFORCE_REPLY)
     assert world.dns.queries == ["_mta-sts.example.com"]
     assert world.fetcher.fetched == ["example.com"]
+
+
+def test_miss_reads_the_store_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup of a domain held nowhere reads the store once, not again to resolve it."""
+    world.publish("example.com", "a1", ENFORCE)
+    reads: list[str] = []
+    get_policy = world.store.get_policy
+
+    def counting(domain: str) -> StoredPolicy | None:
+        reads.append(domain)
+        return get_policy(domain)
+
+    monkeypatch.setattr(world.store, "get_policy", counting)
+    assert world.ask(b"example.com") == framed(ENFORCE_REPLY)
+    assert reads == ["example.com"]
 
 
 def test_herd_of_lookups_shares_one_query_and_one_fetch(world: World) -> None:

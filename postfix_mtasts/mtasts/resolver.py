@@ -194,7 +194,7 @@ class PolicyResolver:
             self._check_in_background(entry, now)
             return entry.reply(options)
         self.stats["misses"] += 1
-        return self.resolve(domain).addCallback(_reply_for, options)
+        return self.resolve(domain, read_store=False).addCallback(_reply_for, options)
 
     @property
     def cached(self) -> int:
@@ -232,11 +232,15 @@ class PolicyResolver:
 
     # -- resolving -----------------------------------------------------------------------
 
-    def resolve(self, domain: str, *, refresh: bool = False) -> Deferred[Entry | None]:
+    def resolve(
+        self, domain: str, *, refresh: bool = False, read_store: bool = True
+    ) -> Deferred[Entry | None]:
         """Check ``domain``'s record and fetch its policy if needed; one at a time per domain.
 
         Fires with the entry to apply (possibly the one already held) or None.  ``refresh``
-        re-fetches the policy whatever the record says (RFC 8461 §10.2).
+        re-fetches the policy whatever the record says (RFC 8461 §10.2).  ``read_store=False``
+        says the caller has just found no valid policy for ``domain`` in the store, so a
+        domain not in memory is not looked up there again.
         """
         waiter: Deferred[Entry | None] = Deferred()
         waiters = self._inflight.get(domain)
@@ -253,7 +257,7 @@ class PolicyResolver:
                 else:
                     w.callback(result)
 
-        Deferred.fromCoroutine(self._update(domain, refresh)).addBoth(done)
+        Deferred.fromCoroutine(self._update(domain, refresh, read_store)).addBoth(done)
         return waiter
 
     def _from_store(self, domain: str, now: float) -> Entry | None:
@@ -270,10 +274,10 @@ class PolicyResolver:
     def _unexpected(self, failure: Failure, domain: str) -> None:
         self.log.failure("unexpected error while resolving {domain}", failure, domain=domain)
 
-    async def _update(self, domain: str, refresh: bool) -> Entry | None:
+    async def _update(self, domain: str, refresh: bool, read_store: bool) -> Entry | None:
         now = self._clock.seconds()
         held = self._memory.get(domain)
-        if held is None:
+        if held is None and read_store:
             try:
                 stored = self._store.get_policy(domain)
             except StoreError as e:
