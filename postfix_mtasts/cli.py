@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def config_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help=f"TOML configuration file (default: {DEFAULT_CONFIG} if it exists)",
+        )
 
     def user_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -141,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(show.main(args.files, as_json=args.json, html=args.html, out=sys.stdout,
                            err=sys.stderr))  # fmt: skip
     try:
-        config = load_config(args.config or os.environ.get("POSTFIX_MTASTS_CONFIG"))
+        config = load_config(_config_path(args.config))
     except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
     # Pinned before any switch of user: the default path depends on who runs.
@@ -162,6 +167,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         code = EXIT_FAILED
     sys.exit(code)
+
+
+DEFAULT_CONFIG = "/etc/postfix-mtasts/postfix-mtasts.toml"
+
+
+def _config_path(given: str | None) -> str | None:
+    """``-c FILE``, else ``$POSTFIX_MTASTS_CONFIG``, else :data:`DEFAULT_CONFIG` if it exists;
+    ``None``: the defaults."""
+    path = given or os.environ.get("POSTFIX_MTASTS_CONFIG")
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        return DEFAULT_CONFIG
+    return path
 
 
 def _fail(code: int, message: str) -> NoReturn:

@@ -588,3 +588,18 @@ def test_example_file_lists_every_key() -> None:
     for previous, line in itertools.pairwise(lines):
         if line and line[0].isalpha():
             assert previous.startswith("# "), line
+
+
+def test_config_path_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-c wins, then $POSTFIX_MTASTS_CONFIG, then the default file if it exists, else none."""
+    from postfix_mtasts import cli
+
+    default = tmp_path / "postfix-mtasts.toml"
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(default))
+    monkeypatch.delenv("POSTFIX_MTASTS_CONFIG", raising=False)
+    assert cli._config_path(None) is None
+    default.write_text("")
+    assert cli._config_path(None) == str(default)
+    monkeypatch.setenv("POSTFIX_MTASTS_CONFIG", "/env.toml")
+    assert cli._config_path(None) == "/env.toml"
+    assert cli._config_path("/given.toml") == "/given.toml"
