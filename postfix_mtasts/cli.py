@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import resource
@@ -189,6 +190,7 @@ def _fail(code: int, message: str) -> NoReturn:
 def _start_logging(level: LogLevel) -> None:
     """Log to standard error: with timestamps on a terminal, without them under journald."""
     journald = "JOURNAL_STREAM" in os.environ
+    stamp: list[Any] = [object(), ""]  # the last second formatted, and how
 
     def line(event: dict[str, Any]) -> str | None:
         text = formatEvent(event)
@@ -199,7 +201,11 @@ def _start_logging(level: LogLevel) -> None:
             text += "\n" + event["log_failure"].getTraceback()
         if journald:
             return f"{lvl}: {text}\n"
-        return f"{formatTime(event.get('log_time'))} {lvl}: {text}\n"
+        when = event.get("log_time")
+        second = int(when) if when is not None else None
+        if second != stamp[0]:
+            stamp[:] = second, formatTime(when)
+        return f"{stamp[1]} {lvl}: {text}\n"
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     # Twisted's own chatter ("UDP Port 5 Closed", "Starting factory") only from warnings up.
@@ -246,6 +252,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             failed.append(str(e))
             policy_map.store.close()
             reactor.stop()
+            return
+        # What start-up made (the modules, the policies loaded) lives as long as the process:
+        # the collector need not walk it again and again.
+        gc.freeze()
 
     reactor.callWhenRunning(lambda: ensureDeferred(start()))
     reactor.addSystemEventTrigger(
