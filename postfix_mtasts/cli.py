@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.task import react
@@ -35,9 +35,6 @@ from twisted.logger import (
 
 from postfix_mtasts import __version__
 from postfix_mtasts.config import Config, ConfigError, MetricsConfig, StoreConfig, load_config
-from postfix_mtasts.metrics import listen_metrics, make_registry, reporter_metrics
-from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers
-from postfix_mtasts.mtasts.resolver import Answer, iso_utc
 from postfix_mtasts.privileges import (
     PrivilegeError,
     acting_as,
@@ -45,19 +42,16 @@ from postfix_mtasts.privileges import (
     prepare_state_dir,
     should_drop,
 )
-from postfix_mtasts.service import PolicyMap, StartError, make_resolver
 from postfix_mtasts.store import Store, StoreError
-from postfix_mtasts.tlsrpt.daily import DayReport, day_reports
 from postfix_mtasts.tlsrpt.ingest import Ingest, follow_into
-from postfix_mtasts.tlsrpt.outbox import (
-    DailySchedule,
-    Outbox,
-    outcome_lines,
-    prune,
-    queue_day,
-    read_dkim_key,
-)
 from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower
+
+# Each command imports the rest of what it needs itself (PLC0415 below): `tail`, restarted
+# by systemd and run on every log, does not load DNS, HTTPS and the policy map.
+if TYPE_CHECKING:
+    from postfix_mtasts.mtasts.dns import DNSClient
+    from postfix_mtasts.mtasts.resolver import Answer
+    from postfix_mtasts.tlsrpt.daily import DayReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 self_log = Logger(namespace="postfix_mtasts")
@@ -163,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = handler(config, args)
     except (ConfigError, PrivilegeError) as e:
         _fail(EXIT_USAGE, str(e))
-    except (StoreError, StartError) as e:
+    except StoreError as e:
         _fail(EXIT_FAILED, str(e))
     except KeyboardInterrupt:
         code = EXIT_FAILED
@@ -237,12 +231,17 @@ def _drop(config: Config) -> None:
 def _serve(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
+    from postfix_mtasts.service import PolicyMap, StartError  # noqa: PLC0415
+
     _start_logging(LogLevel.info)
     switch = _switch_user(config, daemon=True)
     # The store's files are created as the user; the listeners are bound as root.
     acting = acting_as(config.server.user, config.server.group or None) if switch else None
     with acting or contextlib.nullcontext():
-        policy_map = PolicyMap(config, reactor)
+        try:
+            policy_map = PolicyMap(config, reactor)
+        except StartError as e:
+            _fail(EXIT_FAILED, str(e))
     failed: list[str] = []
 
     async def start() -> None:
@@ -280,6 +279,8 @@ def _raise_file_limit(connections: int) -> None:
 
 def _query(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
+
+    from postfix_mtasts.service import make_resolver  # noqa: PLC0415
 
     _start_logging(LogLevel.warn)
     if _switch_user(config, daemon=False):
@@ -334,7 +335,11 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
     _start_logging(LogLevel.info)
-    dkim_key = read_dkim_key(config) if config.tlsrpt.send else None  # root may own the key
+    dkim_key = None
+    if config.tlsrpt.send:
+        from postfix_mtasts.tlsrpt.outbox import read_dkim_key  # noqa: PLC0415
+
+        dkim_key = read_dkim_key(config)  # before the switch: root may own the key
     if _switch_user(config, daemon=True):
         _drop(config)
     store = Store(config.store_path())
@@ -360,13 +365,17 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
         async def run(_reactor: Any) -> None:
             outbox = schedule = metrics = None
             if config.tlsrpt.send:
+                from postfix_mtasts.tlsrpt.outbox import DailySchedule, Outbox  # noqa: PLC0415
+
                 outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
                 schedule = DailySchedule(reactor, store, config, outbox, ingest.finish)
             if config.metrics.tail:
+                from postfix_mtasts import metrics as m  # noqa: PLC0415
+
                 where = MetricsConfig.loopback(config.metrics.tail)
-                registry = make_registry(reporter_metrics(follower, ingest, outbox, schedule))
+                registry = m.make_registry(m.reporter_metrics(follower, ingest, outbox, schedule))
                 try:
-                    metrics = await listen_metrics(reactor, where, registry)
+                    metrics = await m.listen_metrics(reactor, where, registry)
                 except Exception as e:  # noqa: BLE001 (CannotListenError, OSError, ...)
                     print(f"postfix-mtasts: cannot start: [metrics] tail: {e}", file=sys.stderr)
                     raise SystemExit(EXIT_FAILED) from None
@@ -423,6 +432,9 @@ class _Progress:
 
 
 def _report(config: Config, args: argparse.Namespace) -> int:
+    from postfix_mtasts.tlsrpt.daily import day_reports  # noqa: PLC0415
+    from postfix_mtasts.tlsrpt.outbox import prune, queue_day, read_dkim_key  # noqa: PLC0415
+
     config.require_reporting()
     today = datetime.datetime.now(datetime.UTC).date()
     day = args.day or today - datetime.timedelta(days=1)
@@ -471,6 +483,8 @@ def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | No
     """Deliver what the outbox has due; 1 when one of ``day``'s reports was given up."""
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
+    from postfix_mtasts.tlsrpt.outbox import Outbox, outcome_lines  # noqa: PLC0415
+
     async def run(_reactor: Any) -> int:
         outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
         await outbox.deliver_due()
@@ -486,10 +500,14 @@ def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | No
 
 
 def _dns(config: Config, reactor: Any) -> DNSClient:
+    from postfix_mtasts.mtasts.dns import DNSClient, parse_nameservers  # noqa: PLC0415
+
     return DNSClient(reactor, parse_nameservers(config.dns.nameservers), config.dns.timeout)
 
 
 def _answer_json(answer: Answer, payload: str, store: Store) -> dict[str, Any]:
+    from postfix_mtasts.mtasts.resolver import iso_utc  # noqa: PLC0415
+
     out: dict[str, Any] = {"reply": payload, "domain": answer.domain, "source": answer.source}
     entry = answer.entry
     if entry is not None:

@@ -24,7 +24,6 @@ from typing import TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import idna
-from twisted.internet import endpoints
 
 from postfix_mtasts.mtasts.policy import ReplyOptions
 
@@ -97,7 +96,7 @@ class MetricsConfig:
     def loopback(endpoint: str) -> str:
         """``endpoint`` with ``interface=`` set to loopback when a ``tcp``/``tcp6`` one has
         none: metrics are not published beyond the host unless asked for."""
-        args, kwargs = _ENDPOINT_PARSE(endpoint)
+        args, kwargs = _split_endpoint(endpoint)
         if args[0] in ("tcp", "tcp6") and "interface" not in kwargs:
             return endpoint + (r":interface=\:\:1" if args[0] == "tcp6" else ":interface=127.0.0.1")
         return endpoint
@@ -329,7 +328,7 @@ def _server(t: _Table) -> ServerConfig:
     listen = t.strings("listen", ServerConfig.listen)
     if not listen:
         raise t.error("listen", "must list at least one endpoint")
-    for entry in listen:
+    for entry in listen if listen != ServerConfig.listen else ():  # the default is good
         t.valid("listen", entry, _check_endpoint)
     return ServerConfig(
         listen=listen,
@@ -523,10 +522,15 @@ def _describe(value: object) -> str:
 
 # -- value checks: each raises ValueError with a short reason --------------------------------
 
-_ENDPOINT_PARSE = cast(
-    Callable[[str], tuple[list[str], dict[str, str]]],
-    endpoints._parse,  # the tokenizer serverFromString uses; private but stable
-)
+
+def _split_endpoint(text: str) -> tuple[list[str], dict[str, str]]:
+    """Split an endpoint string with the tokenizer ``serverFromString`` uses (private but
+    stable); imported here, as most commands never read an endpoint string."""
+    from twisted.internet import endpoints  # noqa: PLC0415
+
+    return cast(tuple[list[str], dict[str, str]], endpoints._parse(text))  # type: ignore[no-untyped-call]
+
+
 _DECIMAL = re.compile(r"[0-9]+")
 
 
@@ -588,7 +592,7 @@ def _check_endpoint(text: str) -> None:
     without a reactor (a ``systemd:`` endpoint is not looked up in the inherited descriptors).
     """
     try:
-        args, kwargs = _ENDPOINT_PARSE(text)
+        args, kwargs = _split_endpoint(text)
     except RuntimeError:  # a trailing backslash escapes nothing
         raise ValueError("ends with a lone backslash") from None
     if not args[0]:
