@@ -134,6 +134,16 @@ _EVENTS = (
     "SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type,"
     " detail FROM policy_events "
 )
+_SPAN = """
+SELECT * FROM (
+    SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type, detail, id
+    FROM policy_events WHERE domain = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1)
+UNION ALL
+SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type, detail, id
+FROM policy_events WHERE domain = ? AND at >= ? AND at < ?
+ORDER BY at, id
+"""
+"""Store.events in one query: the last event before the span, then those in it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,13 +365,7 @@ class Store:
 
         The first event tells what applied at ``start``; the others, what changed and when.
         """
-        before = self._events(
-            "WHERE domain = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1", (domain, start)
-        )
-        during = self._events(
-            "WHERE domain = ? AND at >= ? AND at < ? ORDER BY at, id", (domain, start, end)
-        )
-        return before + during
+        return self._event_rows(self._read(_SPAN, (domain, start, domain, start, end)))
 
     def prune_events(self, before: float) -> int:
         """Forget events older than ``before``, keeping each domain's latest; returns the count."""
@@ -612,9 +616,13 @@ class Store:
 
     def _events(self, where: str, params: tuple[object, ...]) -> list[PolicyEvent]:
         # ``where`` is always one of this module's constant clauses.
-        rows = self._read(_EVENTS + where, params)
+        return self._event_rows(self._read(_EVENTS + where, params))
+
+    @staticmethod
+    def _event_rows(rows: list[Any]) -> list[PolicyEvent]:
         events = []
-        for domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, ftype, detail in rows:
+        for row in rows:
+            domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, ftype, detail = row[:11]
             policy = _policy(mode, max_age, mx, lines) if kind == "policy" else None
             events.append(PolicyEvent(domain, at, kind, txt_id, policy, expires_at, ftype, detail))
         return events

@@ -92,6 +92,17 @@ def test_events_give_the_policy_in_force_and_the_changes(tmp_path: Path) -> None
     store.close()
 
 
+def test_events_at_the_same_time_keep_their_order(tmp_path: Path) -> None:
+    """Events logged at the same time come back in the order they were recorded."""
+    store = Store(tmp_path / "s.sqlite")
+    for detail in ("one", "two", "three"):
+        store.record_failure("example.com", 100.0, "sts-policy-fetch-error", detail, None)
+    store.record_failure("example.com", 50.0, "sts-policy-fetch-error", "before", None)
+    details = [e.detail for e in store.events("example.com", 60.0, 200.0)]
+    assert details == ["before", "one", "two", "three"]
+    store.close()
+
+
 def test_prune_keeps_each_domains_latest_event(tmp_path: Path) -> None:
     """Pruning forgets old events but never a domain's latest one."""
     store = Store(tmp_path / "s.sqlite")
