@@ -266,3 +266,20 @@ def test_cache_keeps_only_the_latest_day() -> None:
         "example.net",
     ]
     assert sum(aggregator.take().values()) == 3
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CACHED_DOMAINS domains the cache starts afresh: a domain seen before is read again."""
+    monkeypatch.setattr("postfix_mtasts.tlsrpt.aggregate.CACHED_DOMAINS", 3)
+    events = CountingEvents()
+    aggregator = Aggregator(events, now=lambda: DAY + 86400 * 5)
+    for domain in ("a.example", "b.example", "c.example", "d.example", "a.example"):
+        aggregator.add(session(DAY + 100, domain=domain))
+    assert [domain for domain, _, _ in events.reads] == [
+        "a.example",
+        "b.example",
+        "c.example",
+        "d.example",
+        "a.example",
+    ]
+    assert sum(aggregator.take().values()) == 5

@@ -152,6 +152,10 @@ COMPLETE_AFTER = 60.0
 event as it happens."""
 
 
+CACHED_DOMAINS = 10_000
+"""Domains whose events an :class:`Aggregator` keeps at most; past that it starts afresh."""
+
+
 class Aggregator:
     """Counts sessions per :class:`CountKey`, reading each domain's events once a while.
 
@@ -160,7 +164,8 @@ class Aggregator:
     the sessions in that span, so that policies the map fetches while the log is being read
     are seen.  With ``now`` (the clock), the span reaches as far as events can no longer be
     added (:data:`COMPLETE_AFTER` before now), up to the day's end: a log read well after it
-    was written costs one read per domain and day.  Only the latest day's domains are kept.
+    was written costs one read per domain and day.  Only the latest day's domains are kept, at most
+    :data:`CACHED_DOMAINS` of them.
     """
 
     def __init__(
@@ -205,6 +210,8 @@ class Aggregator:
         events = self._events(domain, start, end)
         # Without events, the same policy applies all along.
         always = None if events else policy_at(domain, events, at)
+        if len(self._cache) >= CACHED_DOMAINS:  # bounded memory, whatever the log's length
+            self._cache.clear()
         cached = self._cache[domain] = (start, end, events, always)
         return cached
 
