@@ -344,6 +344,8 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
         _drop(config)
     store = Store(config.store_path())
     source = "-" if args.path == "-" else os.path.abspath(args.path)
+    if args.once and source != "-" and not os.path.exists(source):
+        _fail(EXIT_FAILED, f"{source}: no such file")  # following, it is waited for
     ingest = Ingest(store, config.tlsrpt, source)
     follower: LogFollower | StreamFollower
     if source == "-":

@@ -249,3 +249,11 @@ def test_report_sender_is_the_configured_sender(
     ingest.finish()
     assert domains_counted(store) == {"d2.example"}
     store.close()
+
+
+def test_tail_once_on_a_missing_file_says_so(tmp_path: Path) -> None:
+    """tail --once on a path that does not exist fails with one line and exit code 1."""
+    missing = tmp_path / "no" / "mail.log"
+    result = tail(config(tmp_path, "missing"), "--once", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"postfix-mtasts: {missing}: no such file\n"
