@@ -179,6 +179,9 @@ _NOT_DIGIT = frozenset(" +-Zz")
 """What follows the six fraction digits of an rsyslog stamp: an offset, Z, or the host."""
 _SECONDS = {f"{n:02d}": float(n) for n in range(60)}
 """The seconds of a stamp: reading them and checking them in one look-up."""
+_MICROS_HIGH = {f"{n:03d}": n * 1000 for n in range(1000)}
+_MICROS_LOW = {f"{n:03d}": n for n in range(1000)}
+"""The microseconds of a stamp, three digits at a time, read and checked by look-ups."""
 
 
 class LineParser:
@@ -257,6 +260,31 @@ class LineParser:
         which are then added to the minute's time, so that nearly every line finds its
         minute in the cache, however many distinct stamps a log has.
         """
+        # Fast paths for the two common stamps whose minute is cached: the same as the
+        # general path below, with its checks of the digits done by the look-ups.
+        if s >= 26 and line[19] == "." and line[16] == ":" and line[4] == "-":
+            # rsyslog's RFC 3339 with six fraction digits: the minute plus the seconds plus
+            # the microseconds / 1e6, which is float(".ffffff") exactly.
+            try:
+                sec = _SECONDS[line[17:19]]
+                micros = _MICROS_HIGH[line[20:23]] + _MICROS_LOW[line[23:26]]
+            except KeyError:
+                pass
+            else:
+                if line[26] in _NOT_DIGIT:
+                    cached = self._cache.get(line[:17] + line[26:s])
+                    if cached is not None:
+                        return cached[0] + sec + micros / 1e6, cached[1]
+        elif s >= 15 and line[12] == ":" and line[3] == " " and line[4] != "-":
+            # BSD syslog: the minute plus the seconds.
+            try:
+                sec = _SECONDS[line[13:15]]
+            except KeyError:
+                pass
+            else:
+                cached = self._cache.get(line[:13] + line[15:s])
+                if cached is not None:
+                    return cached[0] + sec, cached[1]
         if line[16:17] == ":" and line[4:5] == "-" and s >= 19:
             # RFC 3339: 2026-11-22T06:00:03[.333321][+00:00] host
             minute, end = 17, 19
@@ -678,6 +706,11 @@ def _endpoint(m: re.Match[str], first: int) -> tuple[str, str, int]:
     return host.lower().rstrip("."), ip or "", int(port) if port else 0
 
 
+def _is_pid(text: str) -> bool:
+    """Whether C{text} is a process id: ASCII digits."""
+    return text.isdigit() and text.isascii()
+
+
 def _relay(relay: str) -> tuple[str, str, int] | None:
     """Parse a C{relay=} value; C{None} for a UNIX socket or a name without an address."""
     b = relay.find("[")
@@ -810,10 +843,23 @@ class SessionTracker:
         self._ignored = 0
         self._skipped = 0
         self._procs: dict[tuple[str, int], _Proc] = {}
+        self._tags: dict[str, _Proc] = {}
+        """The processes of C{_procs} by the text of their tags, for L{feed_lines}; not
+        pickled, and emptied whenever processes are forgotten."""
         self._held: deque[tuple[float, _Proc, _Open]] = deque()
         self._proxy: dict[str, list[_Open]] = {}
         self._proxy_order: deque[tuple[float, str, _Open]] = deque()
         self._next_sweep = 0.0
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without the processes by tag text, which refill as lines come."""
+        state = self.__dict__.copy()
+        state.pop("_tags", None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._tags = {}
 
     @property
     def report_sender(self) -> str:
@@ -859,6 +905,7 @@ class SessionTracker:
         stamp = parser._stamp
         held = self._held
         smtp = self._smtp
+        tags = self._tags
         qmgr = bool(self._sender or self.skip_queue_ids)
         services = _SERVICES_ALL if qmgr else _SERVICES_TLS
         skipped = 0
@@ -872,10 +919,13 @@ class SessionTracker:
                     continue
             else:
                 # The fast path: the same steps as LineParser.parse, knowing where the tag is.
+                # The tag's text (C{postfix/smtp[123}) names its process: a text seen before
+                # was checked then, and finds its process in C{tags} (C{self._procs[key]}).
                 i = line.find("]: ")
-                pid = line[k + 6 : i]
                 s = line.rfind(" ", 0, k)
-                if i > k + 6 and pid.isdigit() and pid.isascii() and s + 1 < k:
+                tag = line[s + 1 : i]
+                proc = tags.get(tag)
+                if proc is not None or (i > k + 6 and s + 1 < k and _is_pid(line[k + 6 : i])):
                     hit = stamp(line, s)
                     if hit is not None:
                         t = hit[0]
@@ -884,10 +934,17 @@ class SessionTracker:
                             self._release_held(t, out)
                         if t >= self._next_sweep:
                             self._sweep(t, out)
+                            proc = tags.get(tag)  # unless the sweep forgot it
+                        if proc is None:
+                            proc = tags[tag] = self._proc(
+                                (line[s + 1 : k], int(line[k + 6 : i])), t
+                            )
+                        else:
+                            proc.last = t
                         message = line[i + 3 :]
-                        if message[-1:] == "\n":
+                        if line[-1] == "\n":
                             message = message.rstrip("\r\n")
-                        smtp(t, (line[s + 1 : k], int(pid)), message, out, mark)
+                        smtp(t, proc, message, out, mark)
                         continue
             parsed = parse(line, now, services)
             if parsed is None:
@@ -915,7 +972,7 @@ class SessionTracker:
             self._sweep(t, out)
         service = line[3]
         if service == "smtp":
-            self._smtp(t, (line[2], line[4]), line[5], out, mark)
+            self._smtp(t, self._proc((line[2], line[4]), t), line[5], out, mark)
         elif service == "qmgr":
             self._qmgr(line[5])
             return True
@@ -944,6 +1001,7 @@ class SessionTracker:
             self._release(proc, out)
             self._unparsed += len(proc.waiting) + (proc.open is not None)
         self._procs.clear()
+        self._tags.clear()
         self._held.clear()
         self._proxy.clear()
         self._proxy_order.clear()
@@ -974,14 +1032,18 @@ class SessionTracker:
 
     # --- smtp ---------------------------------------------------------------------------------
 
-    def _smtp(self, t: float, key: tuple[str, int], m: str, out: list[Session], mark: int) -> None:
-        """The message C{m} of the smtp process C{key} (syslog name, pid), logged at C{t};
-        C{out[mark:]} holds the sessions the line completed so far."""
+    def _proc(self, key: tuple[str, int], t: float) -> _Proc:
+        """The smtp process C{key} (syslog name, pid), which logged a line at C{t}."""
         proc = self._procs.get(key)
         if proc is None:
             proc = self._procs[key] = _Proc(t)
         else:
             proc.last = t
+        return proc
+
+    def _smtp(self, t: float, proc: _Proc, m: str, out: list[Session], mark: int) -> None:
+        """The message C{m} of the smtp process C{proc}, logged at C{t};
+        C{out[mark:]} holds the sessions the line completed so far."""
         if m.startswith(_TRUSTS):  # the commonest lines, with the deliveries
             summary = _SUMMARY_RE.match(m)
             if summary is not None and summary.group(3) == "to":
@@ -1314,6 +1376,8 @@ class SessionTracker:
         """Forget silent processes and stale tlsproxy handshakes (every few minutes)."""
         self._next_sweep = t + 300.0
         stale = [k for k, p in self._procs.items() if p.last < t - IDLE_SECONDS]
+        if stale:
+            self._tags.clear()
         for k in stale:
             proc = self._procs.pop(k)
             self._release(proc, out)
