@@ -620,6 +620,27 @@ _TLSA_LOOKUP_RE = re.compile(r"TLSA lookup error for ([^\s:\[\]]+):(\d+)")
 _BRACKET_IP_RE = re.compile(r"\[([0-9A-Fa-f:.]+)\]")
 
 _TRUSTS = ("Verified ", "Trusted ", "Untrusted ", "Anonymous ")
+_TRUST_WORDS: dict[str, Trust] = {
+    "Verified": "Verified",
+    "Trusted": "Trusted",
+    "Untrusted": "Untrusted",
+    "Anonymous": "Anonymous",
+}
+"""The trust word of a summary as a L{Trust} (for the type checker, at the cost of a look-up)."""
+_PORTS = {"25": 25, "465": 465, "587": 587}
+_HOST_NAMES: dict[str, str] = {}
+"""Host names as logged -> as compared: lower case, no trailing dot (a bounded cache)."""
+
+
+def _host_name(host: str) -> str:
+    """C{host} lower-cased without its trailing dot, remembered in L{_HOST_NAMES}."""
+    name = host.lower().rstrip(".")
+    if len(_HOST_NAMES) >= 4096:
+        _HOST_NAMES.clear()
+    _HOST_NAMES[host] = name
+    return name
+
+
 _CERT_FAILED = ("certificate verification failed", "server certificate", "CA certificate")
 _NOTHING_TO_COUNT = (
     "connect to ",
@@ -1046,10 +1067,22 @@ class SessionTracker:
         C{out[mark:]} holds the sessions the line completed so far."""
         if m.startswith(_TRUSTS):  # the commonest lines, with the deliveries
             summary = _SUMMARY_RE.match(m)
-            if summary is not None and summary.group(3) == "to":
-                self._summary(proc, summary, t, out)
-            else:
-                self._unparsed += 1
+            if summary is not None:
+                # All groups at once: trust, established/reused, to/from, host, ip, port.
+                trust, kind, direction, host, ip, port = summary.groups()
+                if direction == "to":
+                    # _endpoint(summary, 4), with host names and ports read before looked up
+                    endpoint = (
+                        _HOST_NAMES.get(host) or _host_name(host),
+                        ip or "",
+                        _PORTS.get(port) or (int(port) if port else 0),
+                    )
+                    if kind == "reused":
+                        self._reused(proc, endpoint[0], endpoint[1])
+                    else:
+                        self._summary(proc, _TRUST_WORDS[trust], endpoint, t, out)
+                    return
+            self._unparsed += 1
             return
         delivery = _match_delivery(m)
         if delivery is not None:
@@ -1124,18 +1157,28 @@ class SessionTracker:
             return
         self._ignored += 1
 
-    def _summary(self, proc: _Proc, m: re.Match[str], t: float, out: list[Session]) -> None:
-        host, ip, port = _endpoint(m, 4)
-        trust = cast(Trust, m.group(1))
+    def _reused(self, proc: _Proc, host: str, ip: str) -> None:
+        """C{<trust> TLS connection reused to H[A]:P}: no new handshake (§7.5), and the
+        delivery over it adds no session."""
         o = proc.open
-        if m.group(2) == "reused":
-            # No new handshake (§7.5): the delivery over it adds no session.
-            if o is not None and not o.same(host, ip):
-                self._interrupt(proc)
-            proc.reused = ip or host
-            self._ignored += 1
-            return
-        self._release(proc, out)
+        if o is not None and not o.same(host, ip):
+            self._interrupt(proc)
+        proc.reused = ip or host
+        self._ignored += 1
+
+    def _summary(
+        self,
+        proc: _Proc,
+        trust: Trust,
+        endpoint: tuple[str, str, int],
+        t: float,
+        out: list[Session],
+    ) -> None:
+        """C{<trust> TLS connection established to H[A]:P}: a handshake."""
+        host, ip, port = endpoint
+        o = proc.open
+        if proc.held is not None:
+            self._release(proc, out)
         proc.pending_lib = None
         if o is not None and o.trust is None and o.same(host, ip):
             o.trust = trust
