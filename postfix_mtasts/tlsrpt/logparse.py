@@ -613,7 +613,10 @@ _EP_COLON_RE = re.compile(_EP + r": ")
 _ENDPOINT_LINE_RE = re.compile(r"[^\s\[\]:,]+\[[^\]\s]*\](?::\d+)?: ")
 _QID_RE = re.compile(r"([0-9A-F]{5,}|[0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z]{10,}): ")
 _match_qid = _QID_RE.match
-_DELIVERY_RE = re.compile(_QID_RE.pattern + r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,\s]*)")
+_DELIVERY_RE = re.compile(
+    # queue id, the recipient's domain (after its last "@"), relay
+    _QID_RE.pattern + r"to=<(?:[^>]*@)?([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,\s]*)"
+)
 _match_delivery = _DELIVERY_RE.match
 _HOST_RE = re.compile(r"host " + _EP)
 _TLSA_LOOKUP_RE = re.compile(r"TLSA lookup error for ([^\s:\[\]]+):(\d+)")
@@ -767,15 +770,27 @@ def _is_local(ip: str) -> bool:
     return "/" in ip or ip.startswith(_LOOPBACK_PREFIXES) or ip in _LOOPBACK_IPS
 
 
+_DOMAINS: dict[str, str] = {}
+"""Recipient domains as logged -> as counted (a bounded cache of L{_domain})."""
+
+
 def _domain(address: str) -> str:
-    """The recipient domain of C{address}: lower-cased, A-labels, no trailing dot."""
+    """The recipient domain of C{address}: lower-cased, A-labels, no trailing dot.
+
+    Remembered in L{_DOMAINS} under C{address}, which is the domain alone when called so.
+    """
     domain = address.rpartition("@")[2].rstrip(".")
     if domain.isascii():
-        return domain.lower()
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        return domain.lower()
+        name = domain.lower()
+    else:
+        try:
+            name = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            name = domain.lower()
+    if len(_DOMAINS) >= 4096:
+        _DOMAINS.clear()
+    _DOMAINS[address] = name
+    return name
 
 
 _EVIDENCE_PREFIXES = (
@@ -931,8 +946,8 @@ class SessionTracker:
         services = _SERVICES_ALL if qmgr else _SERVICES_TLS
         skipped = 0
         for line in lines:
-            k = line.find("/smtp[")
-            if k < 0:
+            # "in" before find: most lines have no "/smtp[", and "in" is the cheaper test.
+            if "/smtp[" not in line:
                 if "/tlsproxy[" not in line and not (
                     qmgr and "/qmgr[" in line and self._may_be_report_mail(line)
                 ):
@@ -940,6 +955,7 @@ class SessionTracker:
                     continue
             else:
                 # The fast path: the same steps as LineParser.parse, knowing where the tag is.
+                k = line.find("/smtp[")
                 # The tag's text (C{postfix/smtp[123}) names its process: a text seen before
                 # was checked then, and finds its process in C{tags} (C{self._procs[key]}).
                 i = line.find("]: ")
@@ -1247,7 +1263,7 @@ class SessionTracker:
         self, proc: _Proc, m: re.Match[str], t: float, out: list[Session], mark: int
     ) -> None:
         """C{QID: to=<rcpt>, relay=H[A]:P, ..., status=S (reason)}: the delivery's end."""
-        qid, address, relay_text = m.groups()
+        qid, recipient_domain, relay_text = m.groups()
         key = (qid, relay_text)
         if key == proc.last_key and proc.open is None:
             self._ignored += 1  # another recipient of the same session
@@ -1255,9 +1271,15 @@ class SessionTracker:
         proc.last_key = key
         if proc.held is not None:
             self._release(proc, out)
-        domain = _domain(address)
-        reason = _status_reason(m.string, m.end())
-        ev = _reason_evidence(reason, proc.pending_dns) if reason else None
+        domain = _DOMAINS.get(recipient_domain) or _domain(recipient_domain)
+        # _reason_evidence(_status_reason(text, end)), called only for the reasons it reads
+        text = m.string
+        status = text.find(" status=", m.end())
+        p = text.find(" (", status + 8) if status >= 0 else -1
+        if p >= 0 and text.startswith(_EVIDENCE_PREFIXES, p + 2):
+            ev = _reason_evidence(_status_reason(text, m.end()), proc.pending_dns)
+        else:
+            ev = None
         proc.pending_dns = proc.pending_lib = None
         if ev == "config":
             self.config_problems += 1
