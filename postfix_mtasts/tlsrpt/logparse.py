@@ -554,7 +554,7 @@ class _Open(_Slotted):
             self.mx_host = host
 
     def session(self) -> Session:
-        t = self.tlsrpt
+        t = self.tlsrpt or _NO_TLSRPT
         return _new_tuple(
             Session,
             (
@@ -567,7 +567,9 @@ class _Open(_Slotted):
                 self.trust,
                 self.failure,
                 self.reason,
-                *(t or _NO_TLSRPT),
+                t[0],
+                t[1],
+                t[2],
             ),
         )
 
@@ -1052,8 +1054,15 @@ class SessionTracker:
         if self.skip_queue_ids and ": removed" in line:
             return True
         sender = self._sender
+        if not sender:
+            return False
         f = line.find("from=<")
-        return f > 0 and bool(sender) and line[f + 6 : f + 7 + len(sender)].lower() == sender + ">"
+        if f <= 0:
+            return False
+        text = line[f + 6 : f + 7 + len(sender)]
+        # text.lower() == sender + ">" only if text ends with ">": no other character
+        # lower-cases to one that ends with ">".  That test first, as most senders differ.
+        return text[-1:] == ">" and text.lower() == sender + ">"
 
     def _qmgr(self, m: str) -> None:
         c = m.find(": ")
