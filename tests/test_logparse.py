@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -1308,6 +1309,52 @@ def test_idle_process_forgotten() -> None:
     )
     assert tracker.unparsed == 1
     assert tracker.flush() == []
+
+
+def test_idle_process_forgotten_while_fed_in_batches() -> None:
+    """A process forgotten after an hour of silence starts afresh when its tag comes back
+    in a batch, and its old open session is counted as unparsed."""
+    tracker = SessionTracker(tz=UTC)
+    first = log(summary(), pid=7)
+    later = log(summary(), delivery(), pid=7, start=4000)
+    assert tracker.feed_lines(first + later, NOW) == []
+    assert tracker.unparsed == 1
+    (session,) = tracker.flush()
+    assert (session.domain, session.trust, session.time) == (
+        "example.net",
+        "Verified",
+        ts("2026-11-23T09:06:40+00:00"),
+    )
+
+
+def test_tracker_pickled_between_batches() -> None:
+    """A tracker pickled and restored between two batches yields what an uninterrupted one
+    does."""
+    lines = log(summary(), delivery(), summary("Trusted"), delivery(qid="BBBBB22222"), pid=5)
+    whole = SessionTracker(tz=UTC)
+    expected = whole.feed_lines(lines, NOW) + whole.flush()
+    first = SessionTracker(tz=UTC)
+    got = first.feed_lines(lines[:3], NOW)
+    restored = pickle.loads(pickle.dumps(first))
+    got += restored.feed_lines(lines[3:], NOW) + restored.flush()
+    assert got == expected
+    assert [s.trust for s in got] == ["Verified", "Trusted"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 59),
+    st.integers(0, 999_999),
+    st.sampled_from(["+00:00", "-05:30", "Z", "+0100"]),
+)
+def test_cached_minute_reads_the_same_time(second: int, micros: int, offset: str) -> None:
+    """An rsyslog stamp read from the cache of minutes has the same time as when it was
+    read first, through the general path."""
+    parser = LineParser(UTC)
+    line = f"2026-11-23T08:00:{second:02d}.{micros:06d}{offset} mail postfix/smtp[1]: x"
+    first, again = parser.parse(line, NOW), parser.parse(line, NOW)
+    assert first is not None and again is not None
+    assert again.time == first.time
 
 
 # --- tlsproxy (§7.6) -----------------------------------------------------------------------
