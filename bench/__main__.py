@@ -3,7 +3,8 @@
 Groups (``--only`` takes one or more, comma-separated):
 
 - ``cached``: cached lookups per second over 1 and 16 connections, latency at 1;
-- ``cold``: never-seen domains with an enforce policy, and the daemon's CPU per fetch;
+- ``cold``: never-seen domains with an enforce policy, and the daemon's CPU per fetch; then
+  the floor under it: one fetch and one DNS query, each alone (``bench/floor.py``);
 - ``herd``: 500 simultaneous requests for one uncached domain (TXT queries, fetches);
 - ``store``: RSS with 100,000 stored policies and the time until the first answer;
 - ``peer``: postfix-mta-sts-resolver on the same testbed, and our ratio from interleaved

@@ -14,8 +14,10 @@ hyperthread sibling or another virtual machine). A cached-lookup run with more t
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +34,7 @@ from bench.testbed import (
     Process,
     Testbed,
     domain,
+    read_line,
     system_busy,
     wait_for_log,
     wait_listening,
@@ -322,6 +325,7 @@ def measure_cold(testbed: Testbed, daemon: Process, address: Address, sizes: Siz
     if result.ok != len(domains):
         raise BenchError(f"cold run: {result.ok} of {len(domains)} domains answered OK: {result}")
     fetches = https.total
+    floor = fetch_floor(testbed, sizes.cold // 2)
     g = "cold"
     note = f"{cpu:.2f} s of daemon CPU for {fetches} fetches: DNS, TLS, HTTP, parsing, store, logs"
     if foreign > FOREIGN_LIMIT or slowdown > SLOW_LIMIT:
@@ -347,12 +351,47 @@ def measure_cold(testbed: Testbed, daemon: Process, address: Address, sizes: Siz
         Figure(g, "cold_dns_per_domain", "  DNS queries per domain", dns.total / len(domains), ""),
         Figure(
             g,
+            "cold_floor_fetch",
+            "  one fetch alone (TCP, TLS, HTTP)",
+            floor["fetch"],
+            "ms",
+            note="the floor under the daemon's CPU per fetched policy: its fetcher in a bare"
+            " process, the address given (no DNS, store or socketmap); see bench/floor.py",
+        ),
+        Figure(g, "cold_floor_agent", "    stock Agent + TLS policy", floor["agent"], "ms"),
+        Figure(g, "cold_floor_dns", "  one DNS query alone", floor["dns"], "ms"),
+        Figure(
+            g,
             "cold_testbed_cpu_per_fetch",
             "  test DNS + HTTPS servers' CPU per fetch",
             servers / fetches * 1000 if fetches else None,
             "ms",
         ),
     ]
+
+
+def fetch_floor(testbed: Testbed, count: int) -> dict[str, float]:
+    """CPU ms per step of a cold lookup, each alone, on the daemon's CPU (bench/floor.py)."""
+    process = testbed.spawn(
+        "floor",
+        [
+            sys.executable,
+            "-m",
+            "bench.floor",
+            str(testbed.ca_file),
+            testbed.https_host,
+            testbed.dns_host,
+            str(count),
+        ],
+        cpus=testbed.daemon_cpus,
+        stdout=True,
+    )
+    try:
+        assert process.popen.stdout is not None
+        figures: dict[str, float] = json.loads(read_line(process.popen.stdout, 120.0, process))
+    finally:
+        testbed.stop(process)
+    return figures
 
 
 def herd(

@@ -188,7 +188,7 @@ def child_setup(cpus: set[int] | None) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _read_line(stream: IO[bytes], timeout: float, what: Process) -> str:
+def read_line(stream: IO[bytes], timeout: float, what: Process) -> str:
     """The first line a subprocess prints, within ``timeout`` seconds."""
     with selectors.DefaultSelector() as sel:
         sel.register(stream, selectors.EVENT_READ)
@@ -312,8 +312,8 @@ class Testbed:
             stdout=True,
         )
         assert self._dns.popen.stdout is not None and self._https.popen.stdout is not None
-        _read_line(self._dns.popen.stdout, 30.0, self._dns)
-        _read_line(self._https.popen.stdout, 30.0, self._https)
+        read_line(self._dns.popen.stdout, 30.0, self._dns)
+        read_line(self._https.popen.stdout, 30.0, self._https)
         for _ in range(5):  # a first idea of how fast the daemon's CPU can run
             self.slowdown()
 
