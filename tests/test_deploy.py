@@ -22,8 +22,8 @@ must be installed already), ``python3 -m venv``, ``ln``, ``install``, ``systemd-
 ``postconf``, ``cat``, ``postfix reload``, ``postfix-mtasts query|check|show``, ``postmap``
 and ``curl``. What needs a stand-in:
 
-- ``pip install .`` must work offline: the dependencies of this test's own environment are
-  linked into the new virtualenv's site-packages (as pip would install them), then pip
+- ``pip install .`` must work offline: the run-time dependencies installed in this test's
+  environment are copied into the new virtualenv (as pip would install them), then pip
   installs the checkout with ``--no-index --no-deps --no-build-isolation`` when this
   environment has a build backend that can build it (setuptools 77 or later, for the
   ``license`` string of pyproject.toml). Without one, the package is copied into
@@ -65,7 +65,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import tomllib
 from collections.abc import Callable
@@ -605,7 +604,7 @@ async def pip_install(host: Host, line: str, _match: re.Match[str]) -> None:
     venv = Path(argv[0]).parent.parent
     out, _, _ = await host.shell([str(venv / "bin" / "python"), "-c", SITE])
     site = Path(out.strip())
-    link_dependencies(site)
+    copy_dependencies(site)
     backend = build_backend()
     if backend is not None:
         options = ["--no-index", "--no-deps", "--no-build-isolation"]
@@ -620,21 +619,49 @@ async def pip_install(host: Host, line: str, _match: re.Match[str]) -> None:
 
 SITE = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 
-OWN: tuple[str, ...] = ("postfix_mtasts", "__editable__", "__pycache__", "pip", "setuptools")
-OWN += ("_distutils_hack", "pkg_resources", "distutils-precedence")
-"""What pip and the project itself put in site-packages (prefixes)."""
+
+def copy_dependencies(site: Path) -> None:
+    """Copy into ``site`` the installed files of every distribution the project needs to run
+    (its dependencies and theirs, with the extras asked for): what ``pip install .`` would
+    put there, taken from this test's environment. Copied, not linked: the services run as
+    their own user, who may not be able to reach this environment (a checkout under a
+    directory only root can enter)."""
+    for dist in runtime_distributions():
+        for file in dist.files or ():
+            target = site / file
+            if file.parts[0] == ".." or file.suffix == ".pyc" or target.exists():
+                continue  # scripts outside site-packages; caches; what the venv has already
+            source = Path(str(dist.locate_file(file)))
+            if source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
 
 
-def link_dependencies(site: Path) -> None:
-    """Link every distribution of this test's environment into ``site``, but the project,
-    pip and setuptools: what ``pip install`` with dependencies would have put there."""
-    ours = Path(sysconfig.get_paths()["purelib"])
-    for entry in ours.iterdir():
-        if entry.name.startswith(OWN) or entry.suffix == ".pth":
+def runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """The distributions ``postfix-mtasts`` needs at run time, as installed here."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    needed: dict[str, importlib.metadata.Distribution] = {}
+    seen: set[tuple[str, str]] = set()
+    pending = [("postfix-mtasts", "")]
+    while pending:
+        name, extra = pending.pop()
+        if (name, extra) in seen:
             continue
-        target = site / entry.name
-        if not target.exists():
-            target.symlink_to(entry)
+        seen.add((name, extra))
+        dist = importlib.metadata.distribution(name)
+        for text in dist.requires or ():
+            requirement = Requirement(text)
+            marker = requirement.marker
+            if marker is not None and not marker.evaluate({"extra": extra}):
+                continue
+            if marker is None and extra:
+                continue  # a base requirement, taken with the base
+            wanted = canonicalize_name(requirement.name)
+            needed[wanted] = importlib.metadata.distribution(wanted)
+            pending += [(wanted, e) for e in ("", *sorted(requirement.extras))]
+    return list(needed.values())
 
 
 def build_backend() -> str | None:
