@@ -12,7 +12,13 @@ from twisted.internet.task import Clock
 from postfix_mtasts.mtasts.dns import DNSFailure
 from postfix_mtasts.mtasts.fetch import STS_FETCH_ERROR, STS_POLICY_INVALID, FetchError
 from postfix_mtasts.mtasts.policy import NOTFOUND, ReplyOptions
-from postfix_mtasts.mtasts.resolver import BACKOFF, GRACE, NEGATIVE_TTL, PolicyResolver
+from postfix_mtasts.mtasts.resolver import (
+    BACKOFF,
+    GRACE,
+    NEGATIVE_TTL,
+    Answer,
+    PolicyResolver,
+)
 from postfix_mtasts.store import Store, StoredPolicy
 
 ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.example.net\nmax_age: 86400\n"
@@ -35,6 +41,8 @@ class ScriptedDNS:
     def txt(self, name: str) -> Deferred[list[bytes]]:
         self.queries.append(name)
         answer = self.answers.get(name, [])
+        if len(name) > 253:  # as DNSClient, which cannot put such a name in a query
+            answer = ValueError(f"bad DNS name {name!r}: too long")
         if isinstance(answer, Deferred):
             return answer
         if isinstance(answer, Exception):
@@ -361,3 +369,16 @@ def test_smart_host_key_resolves_the_host(world: World) -> None:
     world.publish("mx.example.com", "1", ENFORCE)
     assert world.ask(b"[mx.example.com]:587") == framed(ENFORCE_REPLY)
     assert world.dns.queries == ["_mta-sts.mx.example.com"]
+
+
+def test_domain_too_long_for_its_record_name_has_no_policy(world: World) -> None:
+    """A domain whose _mta-sts name exceeds 255 octets answers NOTFOUND, negatively cached."""
+    label = "a" * 63
+    domain = ".".join([label, label, label, "b" * 51, "com"])  # 247 octets, legal by itself
+    assert world.ask(domain.encode()) == NOTFOUND
+    assert world.ask(domain.encode()) == NOTFOUND
+    assert world.resolver.stats["negative_hits"] == 1
+    answers: list[Answer] = []
+    Deferred.fromCoroutine(world.resolver.query(domain)).addCallback(answers.append)
+    assert answers == [Answer(domain, NOTFOUND, "none", None)]  # what `query` prints
+    assert world.dns.queries == []

@@ -62,6 +62,9 @@ REFRESH_INTERVAL = 86400.0
 """A held policy is re-fetched this long after its last fetch, or at half its max_age."""
 REFRESH_BATCH = 256
 """Policies started per refresh tick."""
+MAX_DNS_NAME = 253
+"""Octets of the longest DNS name in text form (255 on the wire); a domain longer than 244
+octets thus has no ``_mta-sts`` record."""
 
 
 class TXTLookup(Protocol):
@@ -288,11 +291,14 @@ class PolicyResolver:
 
         txt_id: str | None = None
         problem = ""
-        self.stats["txt_lookups"] += 1
+        name = "_mta-sts." + domain
         try:
-            txt_id = parse_sts_records(await self._dns.txt("_mta-sts." + domain))
+            if len(name) > MAX_DNS_NAME:  # a valid domain, but no room for its record
+                raise NoRecord(name)
+            self.stats["txt_lookups"] += 1
+            txt_id = parse_sts_records(await self._dns.txt(name))
         except DNSFailure as e:
-            problem = f"DNS lookup of _mta-sts.{domain} failed: {e}"
+            problem = f"DNS lookup of {name} failed: {e}"
         except NoRecord:
             problem = "no _mta-sts record"
         except InvalidRecord as e:
