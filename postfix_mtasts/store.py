@@ -138,12 +138,18 @@ _SPAN = """
 SELECT * FROM (
     SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type, detail, id
     FROM policy_events WHERE domain = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1)
+UNION
+SELECT * FROM (
+    SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type, detail, id
+    FROM policy_events WHERE domain = ? AND at < ? AND kind = 'policy'
+    ORDER BY at DESC, id DESC LIMIT 1)
 UNION ALL
 SELECT domain, at, kind, txt_id, mode, max_age, mx, lines, expires_at, failure_type, detail, id
 FROM policy_events WHERE domain = ? AND at >= ? AND at < ?
 ORDER BY at, id
 """
-"""Store.events in one query: the last event before the span, then those in it."""
+"""Store.events in one query: the last event and the last policy before the span (the same
+one, or a failure after the policy the map still held), then the events in the span."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,19 +367,24 @@ class Store:
     # -- the reporter's side -----------------------------------------------------------------
 
     def events(self, domain: str, start: float, end: float) -> list[PolicyEvent]:
-        """The events of ``domain`` from the last one before ``start`` up to ``end``, in order.
+        """The events of ``domain`` up to ``end``, in order, from the last one before ``start``
+        (and the last policy before ``start``, when a failure came after it).
 
-        The first event tells what applied at ``start``; the others, what changed and when.
+        The first events tell what applied at ``start``; the others, what changed and when.
         """
-        return self._event_rows(self._read(_SPAN, (domain, start, domain, start, end)))
+        params = (domain, start, domain, start, domain, start, end)
+        return self._event_rows(self._read(_SPAN, params))
 
     def prune_events(self, before: float) -> int:
-        """Forget events older than ``before``, keeping each domain's latest; returns the count."""
+        """Forget events older than ``before``, keeping each domain's latest event and latest
+        policy (what :meth:`events` needs); returns the count forgotten."""
         try:
             with self._transaction():
                 cur = self._db.execute(
                     "DELETE FROM policy_events WHERE at < ? AND id NOT IN"
-                    " (SELECT max(id) FROM policy_events GROUP BY domain)",
+                    " (SELECT max(id) FROM policy_events GROUP BY domain"
+                    " UNION SELECT max(id) FROM policy_events WHERE kind = 'policy'"
+                    " GROUP BY domain)",
                     (before,),
                 )
         except sqlite3.Error as e:

@@ -82,9 +82,11 @@ def test_events_give_the_policy_in_force_and_the_changes(tmp_path: Path) -> None
     store.save_policy(stored(at=250.0))
     events = store.events("example.com", 100.0, 200.0)
     assert [(e.at, e.kind, e.failure_type) for e in events] == [
+        (10.0, "policy", None),  # still held after the failure that followed it
         (50.0, "failure", "sts-policy-fetch-error"),
         (150.0, "failure", "sts-webpki-invalid"),
     ]
+    assert [e.at for e in store.events("example.com", 300.0, 400.0)] == [250.0]
     first = store.events("example.com", 0.0, 20.0)
     assert len(first) == 1 and first[0].policy == POLICY and first[0].expires_at == 86410.0
     last = store.last_failure("example.com")
@@ -103,15 +105,22 @@ def test_events_at_the_same_time_keep_their_order(tmp_path: Path) -> None:
     store.close()
 
 
-def test_prune_keeps_each_domains_latest_event(tmp_path: Path) -> None:
-    """Pruning forgets old events but never a domain's latest one."""
+def test_prune_keeps_each_domains_latest_event_and_policy(tmp_path: Path) -> None:
+    """Pruning forgets old events but never a domain's latest one, nor its latest policy."""
     store = Store(tmp_path / "s.sqlite")
     store.save_policy(stored("a.example", at=10.0))
     store.save_policy(stored("a.example", at=20.0))
     store.save_policy(stored("b.example", at=5.0))
-    assert store.prune_events(before=100.0) == 1
+    store.save_policy(stored("c.example", at=5.0))
+    store.record_failure("c.example", 6.0, "sts-policy-fetch-error", "HTTP 500", "id2")
+    store.record_failure("c.example", 7.0, "sts-policy-fetch-error", "HTTP 500", "id2")
+    assert store.prune_events(before=100.0) == 2
     assert [e.at for e in store.events("a.example", 0.0, 1000.0)] == [20.0]
     assert [e.at for e in store.events("b.example", 0.0, 1000.0)] == [5.0]
+    assert [(e.at, e.kind) for e in store.events("c.example", 50.0, 1000.0)] == [
+        (5.0, "policy"),
+        (7.0, "failure"),
+    ]
     store.close()
 
 
