@@ -41,6 +41,9 @@ def failure_event(at: float, kind: str = "sts-policy-fetch-error") -> PolicyEven
     return PolicyEvent("example.net", at, "failure", "2", None, None, kind, "HTTP 404")
 
 
+FAILED = ("sts-policy-fetch-error", "HTTP 404")
+
+
 def session(at: float, trust: str | None = "Verified", **kw: object) -> Session:
     fields: dict[str, object] = {
         "time": at,
@@ -92,6 +95,15 @@ def session(at: float, trust: str | None = "Verified", **kw: object) -> Session:
             None,
         ),  # a later success replaced the failure
         ([policy_event(DAY, NONE), failure_event(DAY + 5)], DAY + 10, "none", NO_POLICY, None),
+        ([failure_event(DAY)], DAY + 899, "sts-enforce", PolicyKey("sts", "example.net"), FAILED),
+        ([failure_event(DAY)], DAY + 900, "none", NO_POLICY, None),
+        (
+            [policy_event(DAY, ENFORCE), failure_event(DAY + 5)],
+            DAY + 3600,
+            "sts-enforce",
+            STS,
+            None,
+        ),
     ],
     ids=[
         "no events",
@@ -104,6 +116,9 @@ def session(at: float, trust: str | None = "Verified", **kw: object) -> Session:
         "failure with nothing held",
         "failure then success",
         "failure under none is not reported",
+        "failure 899 s before",
+        "failure 900 s before, nothing since: the map stopped failing",
+        "old failure while held: the held policy applies",
     ],
 )
 def test_policy_at(
@@ -239,7 +254,9 @@ class CountingEvents:
     [
         (None, 4),  # no clock: read again after each 300 s of log time
         (DAY + 86400 * 3, 1),  # a log read days later: one read for the day
-        (DAY + 700, 3),  # a live log: what follows now - 60 s may still be written
+        # A live log: up to now - 60 s the events are all written (one read for minutes 0-10);
+        # after that each session reads up to its own time (minutes 11-19).
+        (DAY + 700, 10),
     ],
 )
 def test_events_are_read_once_per_span(now: float | None, reads: int) -> None:
@@ -251,6 +268,37 @@ def test_events_are_read_once_per_span(now: float | None, reads: int) -> None:
     assert len(events.reads) == reads
     assert sum(aggregator.take().values()) == 20
     assert all(end <= DAY + 86400 for _, _, end in events.reads)
+
+
+def test_live_sessions_see_events_written_after_the_last_read() -> None:
+    """A log followed live: a failure the map records between two sessions counts for the
+    second, as it would for the same log read days later."""
+    written = [policy_event(DAY - 3600, ENFORCE)]
+    clock = [DAY + 1]
+
+    def events(domain: str, start: float, end: float) -> list[PolicyEvent]:
+        return [e for e in written if start - 86400 <= e.at < end]
+
+    aggregator = Aggregator(events, now=lambda: clock[0])
+    aggregator.add(session(DAY))
+    written.append(failure_event(DAY + 100))
+    clock[0] = DAY + 151
+    aggregator.add(session(DAY + 150))
+    assert aggregator.take() == Counter(
+        {
+            CountKey("2026-11-22", STS, "success"): 1,
+            CountKey("2026-11-22", STS, "sts-policy-fetch-error", reason="HTTP 404"): 1,
+        }
+    )
+
+
+def test_failures_outlast_the_maps_retries() -> None:
+    """A failure stands for FAILURE_LASTS, longer than the map waits between its attempts
+    at a failing domain that Postfix keeps asking about."""
+    from postfix_mtasts.mtasts.resolver import BACKOFF, GRACE
+    from postfix_mtasts.tlsrpt.aggregate import FAILURE_LASTS
+
+    assert FAILURE_LASTS > BACKOFF + GRACE
 
 
 def test_cache_keeps_only_the_latest_day() -> None:

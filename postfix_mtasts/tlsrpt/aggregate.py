@@ -4,9 +4,10 @@ The policy map records in the store every policy it fetched and every fetch fail
 (:meth:`postfix_mtasts.store.Store.events`).  For a session to domain D at time T the policy
 in force is read from D's events up to T (``reference/tlsrpt.md`` §8):
 
-- the latest event is a failure: the session counts once, as that ``sts-policy-*`` failure,
-  under the policy still held then (its lines and ``mx`` patterns), or under a bare ``sts``
-  policy when nothing valid was held (§10: ``policy-string`` and ``mx-host`` omitted);
+- the latest event is a failure less than :data:`FAILURE_LASTS` old: the session counts once,
+  as that ``sts-policy-*`` failure, under the policy still held then (its lines and ``mx``
+  patterns), or under a bare ``sts`` policy when nothing valid was held (§10:
+  ``policy-string`` and ``mx-host`` omitted);
 - the latest event is a policy unexpired at T: ``enforce`` and ``testing`` policies are
   ``sts`` with their lines; ``none`` is as if there were no policy (RFC 8461 §8.3);
 - otherwise ``no-policy-found``.
@@ -57,6 +58,14 @@ map records a policy before Postfix opens the session that uses it, but Postfix'
 stamps cut the time to whole seconds, and the store's event times do not."""
 
 
+FAILURE_LASTS = 900.0
+"""Seconds for which a failure event speaks for the sessions after it.  The map records one
+at each failed attempt, and while Postfix asks about the domain it tries again at least every
+six minutes (``resolver.BACKOFF`` plus ``resolver.GRACE``); a failure older than this with
+nothing after it means the map stopped failing: the record went away, or came back to the
+policy held."""
+
+
 def policy_at(domain: str, events: Sequence[PolicyEvent], at: float) -> Applied:
     """The policy in force for ``domain`` at ``at`` (a log stamp, see :data:`STAMP_SLACK`),
     from its events in time order."""
@@ -72,7 +81,8 @@ def policy_at(domain: str, events: Sequence[PolicyEvent], at: float) -> Applied:
     sts_key = PolicyKey("sts", domain)
     if valid is not None and valid.policy is not None:
         sts_key = PolicyKey("sts", domain, valid.policy.lines, valid.policy.mx)
-    if latest is not None and latest.kind == "failure" and latest.failure_type:
+    failed = latest is not None and latest.kind == "failure" and latest.failure_type
+    if failed and latest is not None and at - latest.at < FAILURE_LASTS:
         if valid is not None and valid.policy is not None and valid.policy.mode == "none":
             return Applied("none", PolicyKey(NO_POLICY, domain))  # never reported for none
         kind: PolicyKind = "sts-enforce"
@@ -159,13 +169,14 @@ CACHED_DOMAINS = 10_000
 class Aggregator:
     """Counts sessions per :class:`CountKey`, reading each domain's events once a while.
 
-    ``events(domain, start, end)`` is :meth:`Store.events`.  A domain's events are read for
-    the UTC day of the session, up to ``refresh`` seconds of log time after it, and kept for
-    the sessions in that span, so that policies the map fetches while the log is being read
-    are seen.  With ``now`` (the clock), the span reaches as far as events can no longer be
-    added (:data:`COMPLETE_AFTER` before now), up to the day's end: a log read well after it
-    was written costs one read per domain and day.  Only the latest day's domains are kept, at most
-    :data:`CACHED_DOMAINS` of them.
+    ``events(domain, start, end)`` is :meth:`Store.events`.  A domain's events are read from
+    the start of the session's UTC day and kept for the later sessions of the span read.
+    With ``now`` (the clock), the span ends where events can still be added
+    (:data:`COMPLETE_AFTER` before now) or at the day's end: a log read well after it was
+    written costs one read per domain and day, and a session of the last minute (a log
+    followed live) reads the events up to its own time, which the map has written before
+    Postfix opened it.  Without a clock, a span is ``refresh`` seconds of log time.  Only the
+    latest day's domains are kept, at most :data:`CACHED_DOMAINS` of them.
     """
 
     def __init__(
@@ -203,9 +214,10 @@ class Aggregator:
         if start > self._day:  # a new day: the previous one's domains are done with
             self._day = start
             self._cache.clear()
-        end = at + self._refresh
-        if self._now is not None:
-            end = max(end, self._now() - COMPLETE_AFTER)
+        if self._now is None:
+            end = at + self._refresh
+        else:
+            end = max(at + STAMP_SLACK, self._now() - COMPLETE_AFTER)
         end = min(start + 86400, end)
         events = self._events(domain, start, end)
         # Without events, the same policy applies all along.
