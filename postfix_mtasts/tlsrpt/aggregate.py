@@ -81,14 +81,14 @@ def policy_at(domain: str, events: Sequence[PolicyEvent], at: float) -> Applied:
     sts_key = PolicyKey("sts", domain)
     if valid is not None and valid.policy is not None:
         sts_key = PolicyKey("sts", domain, valid.policy.lines, valid.policy.mx)
-    failed = latest is not None and latest.kind == "failure" and latest.failure_type
-    if failed and latest is not None and at - latest.at < FAILURE_LASTS:
+    failure = latest.failure_type if latest is not None and latest.kind == "failure" else None
+    if failure and latest is not None and at - latest.at < FAILURE_LASTS:
         if valid is not None and valid.policy is not None and valid.policy.mode == "none":
             return Applied("none", PolicyKey(NO_POLICY, domain))  # never reported for none
         kind: PolicyKind = "sts-enforce"
         if valid is not None and valid.policy is not None and valid.policy.mode == "testing":
             kind = "sts-testing"
-        return Applied(kind, sts_key, (latest.failure_type, latest.detail or ""))
+        return Applied(kind, sts_key, (failure, latest.detail or ""))
     if valid is not None and valid.policy is not None and valid.policy.mode != "none":
         mode: PolicyKind = "sts-enforce" if valid.policy.mode == "enforce" else "sts-testing"
         return Applied(mode, sts_key)
