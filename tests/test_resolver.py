@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from postfix_mtasts.mtasts.dns import DNSFailure
 from postfix_mtasts.mtasts.fetch import STS_FETCH_ERROR, STS_POLICY_INVALID, FetchError
@@ -382,3 +383,35 @@ def test_domain_too_long_for_its_record_name_has_no_policy(world: World) -> None
     Deferred.fromCoroutine(world.resolver.query(domain)).addCallback(answers.append)
     assert answers == [Answer(domain, NOTFOUND, "none", None)]  # what `query` prints
     assert world.dns.queries == []
+
+
+@pytest.mark.parametrize("max_age", [1, 120, 299])
+def test_short_max_age_is_refetched_not_backed_off(world: World, max_age: int) -> None:
+    """A policy with max_age under the back-off period is refetched on time, with no warning."""
+    world.publish("example.com", "a1", ENFORCE.replace(b"86400", b"%d" % max_age))
+    with capturedLogs() as events:
+        for _ in range(40):  # 20 minutes of lookups and refresh ticks
+            assert world.ask(b"example.com") == framed(ENFORCE_REPLY)
+            world.clock.advance(30)
+            world.resolver.refresh_due()
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []
+
+
+def test_refresh_inside_a_backoff_waits_without_counting_a_failure(world: World) -> None:
+    """A refresh due while a failed fetch's back-off runs is moved to its end, not failed."""
+    world.publish("example.com", "a1", ENFORCE.replace(b"86400", b"7200"))
+    world.ask(b"example.com")
+    world.clock.advance(3600)  # due for refresh
+    world.publish("example.com", "a2", FetchError(STS_FETCH_ERROR, "HTTP 500"))
+    world.ask(b"example.com")  # the hit's background check fails to fetch id a2
+    with capturedLogs() as events:
+        world.resolver.refresh_due()
+    assert [formatEvent(e) for e in events if "refresh" in formatEvent(e)] == []
+    assert world.fetcher.fetched == ["example.com", "example.com"]
+    now = world.clock.seconds()
+    assert world.store.due_for_refresh(now + BACKOFF - 1, 10) == []
+    world.publish("example.com", "a2", ENFORCE)
+    world.clock.advance(BACKOFF)
+    world.resolver.refresh_due()
+    stored = world.store.get_policy("example.com")
+    assert stored is not None and (stored.txt_id, stored.fetched_at) == ("a2", now + BACKOFF)

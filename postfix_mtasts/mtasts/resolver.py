@@ -350,8 +350,8 @@ class PolicyResolver:
             domain, txt_id, policy, now, now + policy.max_age, now + max(refresh_in, GRACE)
         )
         entry = Entry(domain, txt_id, policy, now, now + policy.max_age, now)
-        if policy.max_age < BACKOFF:
-            # Short-lived policies are fetched at most once per back-off period.
+        if policy.max_age == 0:
+            # Held by no cache: refetched at most once per back-off period (mta-sts.md §5).
             self._backoff[domain] = (txt_id, now + BACKOFF)
         else:
             self._backoff.pop(domain, None)
@@ -410,7 +410,8 @@ class PolicyResolver:
         """Start the refresh of the held policies that are due; fires when those are done.
 
         Called by a timer (see :mod:`postfix_mtasts.service`).  A failed refresh moves the
-        next attempt :data:`BACKOFF` later and warns, louder when failures repeat.
+        next attempt :data:`BACKOFF` later and warns, louder when failures repeat; a refresh
+        due inside a failed fetch's back-off waits for its end, which is no failure.
         """
         now = self._clock.seconds()
         try:
@@ -428,15 +429,16 @@ class PolicyResolver:
         )
 
     async def _refresh_one(self, domain: str, started: float) -> None:
+        backoff = self._backoff.get(domain)
+        if backoff is not None:
+            # A fetch failed a moment ago (and said so): refresh when its back-off ends.
+            self._refresh_at(domain, backoff[1])
+            return
         entry = await self.resolve(domain, refresh=True)
         if entry is not None and entry.fetched_at >= started:
             self._refresh_failures.pop(domain, None)
             return
-        now = self._clock.seconds()
-        try:
-            self._store.set_refresh_at(domain, now + BACKOFF)
-        except StoreError as e:
-            self.log.error("{domain}: {error}", domain=domain, error=str(e))
+        self._refresh_at(domain, self._clock.seconds() + BACKOFF)
         failures = self._refresh_failures[domain] = self._refresh_failures.get(domain, 0) + 1
         if entry is not None and entry.policy.mode == "none":
             return
@@ -447,6 +449,12 @@ class PolicyResolver:
             count=failures,
             expiry=f"; the policy expires at {iso_utc(entry.expires_at)}" if entry else "",
         )
+
+    def _refresh_at(self, domain: str, when: float) -> None:
+        try:
+            self._store.set_refresh_at(domain, when)
+        except StoreError as e:
+            self.log.error("{domain}: {error}", domain=domain, error=str(e))
 
 
 def _reply_for(entry: Entry | None, options: ReplyOptions) -> bytes:
