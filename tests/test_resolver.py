@@ -18,6 +18,7 @@ from postfix_mtasts.mtasts.resolver import (
     GRACE,
     NEGATIVE_TTL,
     Answer,
+    Entry,
     PolicyResolver,
 )
 from postfix_mtasts.store import Store, StoredPolicy
@@ -415,3 +416,20 @@ def test_refresh_inside_a_backoff_waits_without_counting_a_failure(world: World)
     world.resolver.refresh_due()
     stored = world.store.get_policy("example.com")
     assert stored is not None and (stored.txt_id, stored.fetched_at) == ("a2", now + BACKOFF)
+
+
+def test_refresh_joining_a_record_check_in_flight_still_refetches(world: World) -> None:
+    """A refresh asked while a plain record check is in flight makes that lookup re-fetch."""
+    world.publish("example.com", "a1", ENFORCE)
+    world.ask(b"example.com")
+    world.clock.advance(GRACE + 1)
+    pending: Deferred[list[bytes]] = Deferred()
+    world.dns.answers["_mta-sts.example.com"] = pending
+    world.ask(b"example.com")  # a hit: starts a background check of the record
+    refreshed: list[Entry | None] = []
+    world.resolver.resolve("example.com", refresh=True).addCallback(refreshed.append)
+    pending.callback([b"v=STSv1; id=a1"])  # unchanged id: the check alone would not fetch
+    assert world.fetcher.fetched == ["example.com", "example.com"]
+    assert len(world.dns.queries) == 2
+    [entry] = refreshed
+    assert entry is not None and entry.fetched_at == world.clock.seconds()

@@ -114,6 +114,15 @@ class Entry:
         )
 
 
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A lookup in flight for a domain: who waits for it, and whether it must re-fetch."""
+
+    waiters: list[Deferred[Entry | None]]
+    # Read once the record is known: a refresh joining later finds the lookup fetching.
+    refresh: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """What ``postfix-mtasts query`` reports: the reply and where its policy came from."""
@@ -158,7 +167,7 @@ class PolicyResolver:
         self._backoff: TLRUCache[str, tuple[str, float]] = TLRUCache(
             maxsize=max_negative, ttu=_until_pair, timer=clock.seconds
         )
-        self._inflight: dict[str, list[Deferred[Entry | None]]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._fetch_slots = DeferredSemaphore(max_fetches)
         self._refresh_slots = DeferredSemaphore(refresh_concurrency)
         self._refresh_failures: dict[str, int] = {}
@@ -241,26 +250,28 @@ class PolicyResolver:
         """Check ``domain``'s record and fetch its policy if needed; one at a time per domain.
 
         Fires with the entry to apply (possibly the one already held) or None.  ``refresh``
-        re-fetches the policy whatever the record says (RFC 8461 §10.2).  ``read_store=False``
-        says the caller has just found no valid policy for ``domain`` in the store, so a
-        domain not in memory is not looked up there again.
+        re-fetches the policy whatever the record says (RFC 8461 §10.2), also when it joins a
+        lookup already in flight.  ``read_store=False`` says the caller has just found no
+        valid policy for ``domain`` in the store, so a domain not in memory is not looked up
+        there again.
         """
         waiter: Deferred[Entry | None] = Deferred()
-        waiters = self._inflight.get(domain)
-        if waiters is not None:
-            waiters.append(waiter)
+        flight = self._inflight.get(domain)
+        if flight is not None:
+            flight.waiters.append(waiter)
+            flight.refresh |= refresh  # a plain check in flight now re-fetches too
             return waiter
-        self._inflight[domain] = waiters = [waiter]
+        flight = self._inflight[domain] = _Flight([waiter], refresh)
 
         def done(result: Entry | Failure | None) -> None:
             del self._inflight[domain]
-            for w in waiters:
+            for w in flight.waiters:
                 if isinstance(result, Failure):
                     w.errback(result)
                 else:
                     w.callback(result)
 
-        Deferred.fromCoroutine(self._update(domain, refresh, read_store)).addBoth(done)
+        Deferred.fromCoroutine(self._update(domain, flight, read_store)).addBoth(done)
         return waiter
 
     def _from_store(self, domain: str, now: float) -> Entry | None:
@@ -277,7 +288,7 @@ class PolicyResolver:
     def _unexpected(self, failure: Failure, domain: str) -> None:
         self.log.failure("unexpected error while resolving {domain}", failure, domain=domain)
 
-    async def _update(self, domain: str, refresh: bool, read_store: bool) -> Entry | None:
+    async def _update(self, domain: str, flight: _Flight, read_store: bool) -> Entry | None:
         now = self._clock.seconds()
         held = self._memory.get(domain)
         if held is None and read_store:
@@ -304,6 +315,7 @@ class PolicyResolver:
         except InvalidRecord as e:
             problem = f"invalid _mta-sts record: {e}"
         now = self._clock.seconds()
+        refresh = flight.refresh
 
         if txt_id is None:
             if valid is None:
