@@ -155,7 +155,7 @@ class PolicyMap(MultiService):
             "cache_misses_total", "Lookups that had to look the domain up.", stats["misses"]
         )
         yield counter("txt_lookups_total", "_mta-sts TXT lookups sent.", stats["txt_lookups"])
-        outcomes = Counter({"ok": stats["fetches"] - stats["fetch_failures"]})
+        outcomes = Counter({"ok": stats["fetches_ok"]})
         outcomes.update(self.resolver.failure_types)
         yield counter(
             "fetches_total",

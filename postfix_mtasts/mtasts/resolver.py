@@ -173,7 +173,16 @@ class PolicyResolver:
         self._refresh_failures: dict[str, int] = {}
         self._rng = rng or random.Random()
         self.stats: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "negative_hits", "txt_lookups", "fetches", "fetch_failures"), 0
+            (
+                "hits",
+                "misses",
+                "negative_hits",
+                "txt_lookups",
+                "fetches",  # started
+                "fetches_ok",  # a policy parsed and held
+                "fetch_failures",
+            ),
+            0,
         )
         self.failure_types: Counter[str] = Counter()
         """Failed fetches by RFC 8460 result type."""
@@ -369,6 +378,7 @@ class PolicyResolver:
             self._backoff.pop(domain, None)
         self._negative.pop(domain, None)
         self._memory[domain] = entry
+        self.stats["fetches_ok"] += 1
         try:
             self._store.save_policy(stored)
         except StoreError as e:
