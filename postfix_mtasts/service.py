@@ -116,8 +116,10 @@ class PolicyMap(MultiService):
 
         async def stop() -> None:
             # Stop accepting, then let in-flight replies finish, then close the store.
+            # Refreshes are not waited for: the timer's call returns at once.
             for port in self.ports:
                 await port.stopListening()
+            self.resolver.stop()
             await super(PolicyMap, self).stopService()
             await self.factory.drain()
             self.store.close()

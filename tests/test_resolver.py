@@ -338,9 +338,7 @@ def test_refresh_refetches_even_when_the_record_is_gone(world: World) -> None:
     world.ask(b"example.com")
     world.dns.answers["_mta-sts.example.com"] = []
     world.clock.advance(3600)
-    done: list[None] = []
-    world.resolver.refresh_due().addCallback(done.append)
-    assert done
+    world.resolver.refresh_due()
     assert world.fetcher.fetched == ["example.com", "example.com"]
     stored = world.store.get_policy("example.com")
     assert stored is not None and stored.expires_at == world.clock.seconds() + 7200
@@ -433,3 +431,24 @@ def test_refresh_joining_a_record_check_in_flight_still_refetches(world: World) 
     assert len(world.dns.queries) == 2
     [entry] = refreshed
     assert entry is not None and entry.fetched_at == world.clock.seconds()
+
+
+def test_refresh_starts_each_domain_once_and_stop_drops_the_queue(world: World) -> None:
+    """A due domain queued or refreshing is not started again; stop() drops those queued."""
+    world.resolver = world.new_resolver(refresh_concurrency=1)
+    body = ENFORCE.replace(b"86400", b"7200")
+    slow: dict[str, Deferred[bytes]] = {}
+    for domain in ("a.example", "b.example"):
+        world.publish(domain, "1", body)
+        world.ask(domain.encode())
+        slow[domain] = world.fetcher.bodies[domain] = Deferred()
+    world.clock.advance(3600)
+    world.resolver.refresh_due()  # one runs, the other waits for the slot
+    world.clock.advance(30)
+    world.resolver.refresh_due()  # the next tick starts neither again
+    [running] = world.fetcher.fetched[2:]
+    world.resolver.stop()
+    slow[running].callback(body)
+    assert world.fetcher.fetched[2:] == [running]
+    stored = world.store.get_policy(running)
+    assert stored is not None and stored.fetched_at == world.clock.seconds()

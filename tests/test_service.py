@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from postfix_mtasts.config import Config, MetricsConfig, StoreConfig
 from postfix_mtasts.mtasts.fetch import STS_FETCH_ERROR, FetchError
+from postfix_mtasts.mtasts.policy import parse_policy
+from postfix_mtasts.mtasts.resolver import REFRESH_BATCH
 from postfix_mtasts.service import PRUNE_TICK, PolicyMap
+from postfix_mtasts.store import StoredPolicy, StoreError
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
+ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 604800\n"
+NONE = b"version: STSv1\nmode: none\nmax_age: 60\n"
 
 
 def test_old_policy_events_are_pruned_at_start_and_every_tick(tmp_path: Path) -> None:
@@ -83,7 +91,7 @@ def test_fetches_ok_counts_only_policies_fetched(tmp_path: Path) -> None:
         fetcher.pending[0].errback(FetchError(STS_FETCH_ERROR, "HTTP 503"))
         failed = fetch_outcomes(policy_map)
         policy_map.factory.lookup(b"postfix", b"b.example")
-        fetcher.pending[1].callback(b"version: STSv1\nmode: none\nmax_age: 60\n")
+        fetcher.pending[1].callback(NONE)
         assert (in_flight, failed, fetch_outcomes(policy_map)) == (
             {"ok": 0},
             {"ok": 0, STS_FETCH_ERROR: 1},
@@ -91,3 +99,55 @@ def test_fetches_ok_counts_only_policies_fetched(tmp_path: Path) -> None:
         )
     finally:
         policy_map.store.close()
+
+
+class SlowHosts:
+    """A fetcher whose policy hosts answer only at the 10 s deadline, except ``fired``."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.fired: dict[str, Deferred[bytes]] = {}
+        self.fetched: list[str] = []
+
+    def fetch(self, domain: str) -> Deferred[bytes]:
+        self.fetched.append(domain)
+        if domain in self.fired:
+            return self.fired[domain]
+        d: Deferred[bytes] = Deferred()
+        self.clock.callLater(10, d.errback, FetchError(STS_FETCH_ERROR, "deadline passed"))
+        return d
+
+
+def test_stopping_waits_for_replies_not_for_refreshes(tmp_path: Path) -> None:
+    """Stopping waits for the reply owed to a client but not for a batch of slow refreshes."""
+    clock = Clock()
+    clock.advance(NOW)
+    policy_map = PolicyMap(Config(store=StoreConfig(path=str(tmp_path / "s.sqlite"))), clock)
+    policy = parse_policy(ENFORCE)
+    for i in range(REFRESH_BATCH):  # overdue, as after a day with the daemon down
+        policy_map.store.save_policy(
+            StoredPolicy(f"d{i}.example", "a1", policy, NOW - 2 * DAY, NOW + 5 * DAY, NOW - DAY)
+        )
+    fetcher = SlowHosts(clock)
+    fetcher.fired["new.example"] = Deferred()
+    policy_map.resolver._dns = OneRecord()
+    policy_map.resolver._fetcher = fetcher
+    policy_map.startService()  # type: ignore[no-untyped-call]
+    clock.advance(1)
+    transport = StringTransport()  # type: ignore[no-untyped-call]
+    client = policy_map.factory.buildProtocol(None)
+    assert client is not None
+    client.makeConnection(transport)  # type: ignore[no-untyped-call]
+    client.dataReceived(b"19:postfix new.example,")
+    assert transport.value() == b""  # type: ignore[no-untyped-call]
+    stopped: list[None] = []
+    policy_map.stopService().addCallback(stopped.append)
+    assert stopped == []  # a reply is owed
+    fetcher.fired["new.example"].callback(NONE)
+    assert transport.value() == b"9:NOTFOUND ,"  # type: ignore[no-untyped-call]
+    assert transport.disconnecting  # drained: closed after its last reply
+    client.connectionLost(connectionDone)
+    assert stopped == [None]
+    with pytest.raises(StoreError):
+        policy_map.store.get_policy("d0.example")  # closed
+    assert fetcher.fetched.count("new.example") == 1

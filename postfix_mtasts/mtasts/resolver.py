@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import LRUCache, TLRUCache
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -171,6 +171,8 @@ class PolicyResolver:
         self._fetch_slots = DeferredSemaphore(max_fetches)
         self._refresh_slots = DeferredSemaphore(refresh_concurrency)
         self._refresh_failures: dict[str, int] = {}
+        self._refreshing: set[str] = set()  # queued or running
+        self._stopped = False
         self._rng = rng or random.Random()
         self.stats: dict[str, int] = dict.fromkeys(
             (
@@ -428,29 +430,41 @@ class PolicyResolver:
 
     # -- proactive refresh ---------------------------------------------------------------
 
-    def refresh_due(self) -> Deferred[None]:
-        """Start the refresh of the held policies that are due; fires when those are done.
+    def refresh_due(self) -> None:
+        """Start refreshing the held policies that are due, and return without waiting.
 
-        Called by a timer (see :mod:`postfix_mtasts.service`).  A failed refresh moves the
-        next attempt :data:`BACKOFF` later and warns, louder when failures repeat; a refresh
-        due inside a failed fetch's back-off waits for its end, which is no failure.
+        Called by a timer (see :mod:`postfix_mtasts.service`), which thus never waits on the
+        network, nor does stopping it.  At most :data:`REFRESH_BATCH` domains are queued or
+        running, each once.  A failed refresh moves the next attempt :data:`BACKOFF` later
+        and warns, louder when failures repeat; a refresh due inside a failed fetch's
+        back-off waits for its end, which is no failure.
         """
+        room = REFRESH_BATCH - len(self._refreshing)
+        if self._stopped or room <= 0:
+            return
         now = self._clock.seconds()
         try:
-            domains = self._store.due_for_refresh(now, REFRESH_BATCH)
+            due = self._store.due_for_refresh(now, REFRESH_BATCH)
         except StoreError as e:
             self.log.error("refresh: {error}", error=str(e))
-            return succeed(None)
-        work = [
-            self._refresh_slots.run(self._refresh_one, domain, now)
-            for domain in domains
-            if domain not in self._inflight
-        ]
-        return gatherResults(work, consumeErrors=True).addCallbacks(
-            lambda _: None, lambda f: self.log.failure("refresh", f)
-        )
+            return
+        for domain in [d for d in due if d not in self._refreshing][:room]:
+            self._refreshing.add(domain)
+            run = self._refresh_slots.run(self._refresh_one, domain, now)
+            run.addBoth(self._refreshed, domain)
+
+    def stop(self) -> None:
+        """Start no more refreshes: those queued are dropped, those running finish on their own."""
+        self._stopped = True
+
+    def _refreshed(self, result: Failure | None, domain: str) -> None:
+        self._refreshing.discard(domain)
+        if isinstance(result, Failure):
+            self._unexpected(result, domain)
 
     async def _refresh_one(self, domain: str, started: float) -> None:
+        if self._stopped:
+            return
         backoff = self._backoff.get(domain)
         if backoff is not None:
             # A fetch failed a moment ago (and said so): refresh when its back-off ends.
