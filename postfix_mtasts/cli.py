@@ -438,6 +438,7 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     from postfix_mtasts.tlsrpt.outbox import prune, queue_day, read_dkim_key  # noqa: PLC0415
 
     config.require_reporting()
+    _start_logging(LogLevel.warn)
     today = datetime.datetime.now(datetime.UTC).date()
     day = args.day or today - datetime.timedelta(days=1)
     if day >= today:

@@ -7,10 +7,13 @@ import gzip
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import parsedmarc
 import pytest
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.mtasts.policy import Policy
@@ -80,6 +83,44 @@ def test_report_ids_are_stable_and_unique(tmp_path: Path) -> None:
     store.close()
 
 
+BAD_DOMAINS = ("[192.0.2.9]", "localhost")
+"""Policy domains no report can name, as an older version counted them."""
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """The text of each warning logged while the test runs."""
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            seen.append(formatEvent(event))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def add_bad_domains(store: Store) -> None:
+    keys = [CountKey("2026-11-22", PolicyKey("no-policy-found", d), "success") for d in BAD_DOMAINS]
+    rows = {count_row(key): 2 for key in keys}
+    store.commit_counts("old.log", None, rows, 0.0)
+
+
+def test_domain_that_cannot_be_built_is_left_out(tmp_path: Path, warnings: list[str]) -> None:
+    """A policy domain no report can name is left out with one warning each; the day's other
+    reports are built."""
+    store = filled_store(tmp_path / "s.sqlite")
+    add_bad_domains(store)
+    reports = day_reports(store, CONFIG, DAY, 0.0)
+    assert [r.policy_domain for r in reports] == ["example.net", "plain.example"]
+    assert len(warnings) == 2
+    for domain, line in zip(BAD_DOMAINS, warnings, strict=True):
+        assert line.startswith(f"reports of 2026-11-22: leaving out {domain!r}: ")
+    store.close()
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "postfix_mtasts.cli", *args],
@@ -91,8 +132,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_report_command_writes_files_parsedmarc_reads(tmp_path: Path) -> None:
-    """`report --day --out` writes one .json.gz per domain that parsedmarc reads back."""
-    filled_store(tmp_path / "s.sqlite").close()
+    """`report --day --out` writes one .json.gz per domain that parsedmarc reads back, and
+    leaves out with a warning the domains no report can name."""
+    store = filled_store(tmp_path / "s.sqlite")
+    add_bad_domains(store)
+    store.close()
     config = tmp_path / "c.toml"
     config.write_text(
         '[store]\npath = "%s"\n[tlsrpt]\norganization_name = "Example Org"\n'
@@ -104,6 +148,7 @@ def test_report_command_writes_files_parsedmarc_reads(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == 2
     assert result.stdout.splitlines()[0].startswith("example.net: 42 sessions, 1 failed: ")
+    assert "leaving out '[192.0.2.9]'" in result.stderr and "Traceback" not in result.stderr
     for name in files:
         parsed = parsedmarc.parse_report_file(str(out / name), offline=True)
         assert parsed["report_type"] == "smtp_tls"

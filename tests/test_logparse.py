@@ -1214,6 +1214,38 @@ def test_recipient_domain_to_a_labels() -> None:
     assert session.domain == "xn--bcher-kva.example"
 
 
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "user@[192.0.2.9]",
+        "user@[IPv6:2001:db8::9]",
+        "root@localhost",
+        "user@under_score.example",
+        "user@192.0.2.9",
+        "user@\u2603.example",  # a snowman: IDNA refuses it
+        "user@xn--zz.example",  # not a valid A-label
+        "nobody",
+    ],
+)
+def test_recipient_that_is_no_policy_domain_is_not_counted(rcpt: str) -> None:
+    """Deliveries to an address literal or a name that is no domain give no session (a single
+    MX, or two), each delivery line counts as ignored, and the process's next delivery is
+    counted as usual."""
+    lines = log(
+        summary(),
+        delivery(rcpt=rcpt),
+        summary(mx=MX),
+        f"BBBBB22222: host {MX[:-3]} said: 451 4.7.1 Greylisted (in reply to RCPT TO command)",
+        summary(mx=MX2),
+        delivery(relay=MX2, rcpt=rcpt, qid="BBBBB22222"),
+        summary(),
+        delivery(qid="CCCCC33333"),
+    )
+    sessions, tracker = run(lines)
+    assert [(s.domain, s.queue_id) for s in sessions] == [("example.net", "CCCCC33333")]
+    assert (tracker.ignored, tracker.unparsed) == (2, 0)
+
+
 def test_reference_sample_sessions() -> None:
     """The reference's sample deliveries give the sessions and results the table predicts."""
     lines = [line for line, *_ in SAMPLE_LINES]

@@ -13,6 +13,7 @@ import datetime
 import gzip
 import json
 import signal
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -509,6 +510,68 @@ def test_schedule_ticks(store: Store) -> None:
     schedule.stop()
     clock.advance(86400)
     assert store.meta(QUEUED_THROUGH) == DAY.isoformat()
+
+
+def test_schedule_builds_a_day_with_a_domain_it_cannot_name(store: Store) -> None:
+    """Counts under a name no report can carry leave that name out: the day's other reports
+    are queued, the day is marked done and the schedule goes on ticking."""
+    bad = CountKey(DAY.isoformat(), PolicyKey("no-policy-found", "[192.0.2.9]"), "success")
+    store.commit_counts("old.log", None, {count_row(bad): 1}, 0.0)
+    clock, before = Clock(), Calls()
+    clock.advance(MIDNIGHT + BUILD_GRACE + 1)
+    schedule = schedule_for(store, clock, before)
+    schedule.start()
+    assert [r.policy_domain for r in store.outbox()] == [DOMAIN]
+    assert store.meta(QUEUED_THROUGH) == DAY.isoformat()
+    assert schedule.running
+    schedule.stop()
+
+
+@pytest.mark.logged_errors_expected
+def test_schedule_passes_over_a_day_that_fails(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day whose build fails unexpectedly is logged and passed over; the days after it are
+    queued all the same."""
+    real = queue_day
+
+    def failing(store: Store, config: Config, day: datetime.date, *args: Any) -> Any:
+        if day == datetime.date(2026, 11, 20):
+            raise RuntimeError("a bug")
+        return real(store, config, day, *args)
+
+    monkeypatch.setattr("postfix_mtasts.tlsrpt.outbox.queue_day", failing)
+    clock, before = Clock(), Calls()
+    clock.advance(MIDNIGHT + 3600)
+    store.set_meta(QUEUED_THROUGH, "2026-11-18")
+    schedule = schedule_for(store, clock, before)
+    assert schedule.queue_due_days() == [datetime.date(2026, 11, d) for d in (19, 20, 21, 22)]
+    assert store.meta(QUEUED_THROUGH) == DAY.isoformat()
+    assert [r.day for r in store.outbox()] == [DAY.isoformat()]
+
+
+class FailingOutbox(Outbox):
+    """An outbox whose every delivery round fails unexpectedly."""
+
+    rounds = 0
+
+    async def deliver_due(self) -> Counter[str]:
+        self.rounds += 1
+        raise RuntimeError("a bug")
+
+
+@pytest.mark.logged_errors_expected
+def test_schedule_goes_on_after_a_failed_tick(store: Store) -> None:
+    """An unexpected error in a tick is logged, and the next tick comes all the same."""
+    clock = Clock()
+    config = config_for()
+    outbox = FailingOutbox(clock, store, config, NoDNS())
+    schedule = DailySchedule(clock, store, config, outbox)
+    schedule.start()
+    clock.advance(60)
+    assert outbox.rounds == 2 and schedule.running
+    schedule.stop()
+    assert not schedule.running
 
 
 # --- the commands -----------------------------------------------------------------------------

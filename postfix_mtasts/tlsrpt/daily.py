@@ -2,7 +2,9 @@
 
 One RFC 8460 report per policy domain that had sessions that day.  Each report's id is made
 once (a random token kept in the store) and reused when the day is built again, so receivers
-can tell a re-sent report from a new one.
+can tell a re-sent report from a new one.  A domain whose report cannot be built (counters
+under a name that is not a domain, kept by an older version) is left out with a log line;
+the day's other reports are built all the same.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from twisted.logger import Logger
 
 from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.store import Store
@@ -27,6 +31,8 @@ from postfix_mtasts.tlsrpt.report import (
     report_filename,
     report_gzip,
 )
+
+log = Logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +78,25 @@ def day_reports(
     sending_ip = config.sending_mta_ip[0] if len(config.sending_mta_ip) == 1 else None
     reports = []
     for domain, policies in sorted(group_counts(rows).items()):
-        token = store.report_token(day.isoformat(), domain, new_token(), now)
-        report_id = make_report_id(day, domain, submitter, token)
-        report = build_report(
-            organization_name=config.organization_name,
-            contact_info=config.contact_info,
-            report_id=report_id,
-            day=day,
-            policies=policies,
-            sending_mta_ip=sending_ip,
-        )
-        filename = report_filename(submitter, domain, day, token)
+        try:
+            token = store.report_token(day.isoformat(), domain, new_token(), now)
+            report_id = make_report_id(day, domain, submitter, token)
+            report = build_report(
+                organization_name=config.organization_name,
+                contact_info=config.contact_info,
+                report_id=report_id,
+                day=day,
+                policies=policies,
+                sending_mta_ip=sending_ip,
+            )
+            filename = report_filename(submitter, domain, day, token)
+        except ValueError as e:
+            log.warn(
+                "reports of {day}: leaving out {domain!r}: {error}",
+                day=day.isoformat(),
+                domain=domain,
+                error=str(e),
+            )
+            continue
         reports.append(DayReport(domain, report_id, token, filename, report, report_gzip(report)))
     return reports

@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple, cast, get_args
 
 import idna
 
+from postfix_mtasts.tlsrpt.record import is_domain_name
 from postfix_mtasts.tlsrpt.report import RESULT_TYPES
 
 __all__ = [
@@ -406,7 +407,8 @@ class Session(NamedTuple):
     time: float
     """UTC Unix seconds of the session's first line."""
     domain: str
-    """The recipient domain (lower case, A-labels), from C{to=<...@domain>}."""
+    """The recipient domain (lower case, A-labels), from C{to=<...@domain>}; a delivery to
+    an address literal or another name that is not a domain gives no session."""
     mx_host: str
     """The MX host name (lower case); C{""} if the log never named it."""
     mx_ip: str
@@ -777,7 +779,9 @@ _DOMAINS: dict[str, str] = {}
 
 
 def _domain(address: str) -> str:
-    """The recipient domain of C{address}: lower-cased, A-labels, no trailing dot.
+    """The recipient domain of C{address}: lower-cased, A-labels, no trailing dot; C{""} when
+    it is no policy domain (an address literal, a single label, a name IDNA refuses), which
+    no report could name.
 
     Remembered in L{_DOMAINS} under C{address}, which is the domain alone when called so.
     """
@@ -787,8 +791,10 @@ def _domain(address: str) -> str:
     else:
         try:
             name = idna.encode(domain, uts46=True).decode("ascii")
-        except idna.IDNAError:
-            name = domain.lower()
+        except (UnicodeError, ValueError):  # idna.IDNAError and the like
+            name = ""
+    if not is_domain_name(name):
+        name = ""
     if len(_DOMAINS) >= 4096:
         _DOMAINS.clear()
     _DOMAINS[address] = name
@@ -1280,7 +1286,9 @@ class SessionTracker:
         proc.last_key = key
         if proc.held is not None:
             self._release(proc, out)
-        domain = _DOMAINS.get(recipient_domain) or _domain(recipient_domain)
+        domain = _DOMAINS.get(recipient_domain)
+        if domain is None:
+            domain = _domain(recipient_domain)
         # _reason_evidence(_status_reason(text, end)), called only for the reasons it reads
         text = m.string
         status = text.find(" status=", m.end())
@@ -1338,13 +1346,16 @@ class SessionTracker:
             return
         session.queue_id = qid
         session.domain = domain
-        if session.queue_id in self.skip_queue_ids:
+        if not domain:
+            self._ignored += 1  # no policy domain: nothing to report
+            session.skip = True
+        elif session.queue_id in self.skip_queue_ids:
             session.skip = True
         proc.held = session
         self._held.append((t, proc, session))
 
     def _finish(self, o: _Open, out: list[Session]) -> None:
-        if o.skip or o.queue_id in self.skip_queue_ids or _is_local(o.mx_ip):
+        if o.skip or not o.domain or o.queue_id in self.skip_queue_ids or _is_local(o.mx_ip):
             return
         out.append(o.session())
 

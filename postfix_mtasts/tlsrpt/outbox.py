@@ -377,6 +377,9 @@ class DailySchedule:
     send_delay``; and every ``interval`` seconds deliver what is due.
 
     ``before_build`` is called first, so that the sessions the tailer holds are counted.
+    A store error ends the tick, and the next one tries again; a day whose build fails
+    otherwise (a bug) is logged and passed over (``report --day DAY --send`` builds it by
+    hand), so that one bad day stops neither the days after it nor the schedule.
     """
 
     def __init__(
@@ -408,6 +411,11 @@ class DailySchedule:
             lambda f: log.failure("the report schedule stopped", f)
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether the schedule ticks."""
+        return self._loop.running
+
     def stop(self) -> None:
         """Stop ticking (an attempt in flight finishes on its own)."""
         if self._loop.running:
@@ -424,6 +432,8 @@ class DailySchedule:
                 await self.tick()
             except StoreError as e:  # the next tick tries again
                 log.error("the report schedule: {error}", error=str(e))
+            except Exception:  # noqa: BLE001 - logged; the schedule must go on
+                log.failure("the report schedule failed unexpectedly")
 
         return Deferred.fromCoroutine(guarded())
 
@@ -445,9 +455,15 @@ class DailySchedule:
         self._before_build()
         delay = self._config.tlsrpt.send_delay
         for day in days:
-            reports, new = queue_day(
-                self._store, self._config, day, now, lambda: self._uniform(0.0, delay)
-            )
+            try:
+                reports, new = queue_day(
+                    self._store, self._config, day, now, lambda: self._uniform(0.0, delay)
+                )
+            except StoreError:
+                raise  # the next tick tries the day again
+            except Exception:  # noqa: BLE001 - one bad day must not stop the others
+                log.failure("reports of {day}: not built", day=day.isoformat())
+                continue
             self.built += len(reports)
             log.info(
                 "reports of {day}: {n} built, {new} queued",
