@@ -31,13 +31,14 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from postfix_mtasts.mtasts.policy import netstring
+
 __all__ = [
     "TEMP_INTERNAL",
     "TEMP_SHUTDOWN",
     "Lookup",
     "SocketmapFactory",
     "SocketmapProtocol",
-    "netstring",
 ]
 
 Lookup: TypeAlias = Callable[[bytes, bytes], "bytes | Deferred[bytes]"]
@@ -57,11 +58,6 @@ ABORT_GRACE = 1.0
 _PAUSED_SLACK = 65536
 #: How much of an offending frame a log message shows.
 _SNIPPET = 40
-
-
-def netstring(payload: bytes) -> bytes:
-    """Frame ``payload`` as a netstring: ``b"OK x"`` becomes ``b"4:OK x,"``."""
-    return b"%d:%s," % (len(payload), payload)
 
 
 TEMP_INTERNAL = netstring(b"TEMP internal error")

@@ -22,13 +22,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from postfix_mtasts import socketmap
+from postfix_mtasts.mtasts.policy import netstring
 from postfix_mtasts.socketmap import (
     ABORT_GRACE,
     TEMP_INTERNAL,
     TEMP_SHUTDOWN,
     SocketmapFactory,
     SocketmapProtocol,
-    netstring,
 )
 
 PEER = cast(IAddress, IPv4Address("TCP", "127.0.0.1", 40000))
@@ -152,10 +153,9 @@ def _no_unhandled(events: list[dict[str, Any]]) -> None:
 # -- framing and replies ------------------------------------------------------------------
 
 
-def test_netstring_and_temp_replies() -> None:
-    """netstring() frames a payload; the TEMP constants are framed netstrings."""
-    assert netstring(b"OK x") == b"4:OK x,"
-    assert netstring(b"") == b"0:,"
+def test_temp_replies_are_framed_by_the_one_netstring() -> None:
+    """The TEMP constants are netstrings framed by the policy module's netstring()."""
+    assert vars(socketmap)["netstring"] is netstring  # no copy of its own
     assert TEMP_INTERNAL == b"19:TEMP internal error,"
     assert TEMP_SHUTDOWN == b"18:TEMP shutting down,"
 
