@@ -8,14 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from postfix_mtasts.config import TLSRPTConfig
-from postfix_mtasts.store import OutboxRow, Store
+from postfix_mtasts.store import OutboxRow, Store, StoreError
 from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into
 from postfix_mtasts.tlsrpt.tailer import LogFollower
 
@@ -156,6 +156,57 @@ def test_following_a_quiet_log_counts_the_last_delivery(tmp_path: Path) -> None:
     clock.advance(1.0)
     assert follower.lines_read == 3
     assert store.day_counts("2026-11-22") == []  # held: a TLSRPT: line may still follow
+    clock.advance(RELEASE_INTERVAL)
+    assert sum(n for _, n in store.day_counts("2026-11-22")) == 1
+    stop.callback(None)
+    clock.advance(1.0)
+    assert done.called
+    follower.close()
+    store.close()
+
+
+class BusyStore(Store):
+    """A store whose next ``busy`` commits of counts fail as a locked database does."""
+
+    busy = 0
+
+    def commit_counts(self, *args: Any, **kwargs: Any) -> None:
+        if self.busy:
+            self.busy -= 1
+            raise StoreError("cannot write the store: database is locked")
+        super().commit_counts(*args, **kwargs)
+
+
+def test_failed_commit_keeps_its_counts(tmp_path: Path) -> None:
+    """Sessions whose commit failed are committed with the next one, not lost."""
+    store = BusyStore(tmp_path / "s.sqlite")
+    ingest = Ingest(store, TLSRPTConfig(), "mail.log")
+    ingest.handle(report_mail_log({"0000000AAA": 1}), None)  # held for a TLSRPT: line
+    store.busy = 1
+    with pytest.raises(StoreError):
+        ingest.finish()
+    ingest.handle(report_mail_log({"0000000BBB": 2}), None)
+    ingest.finish()
+    assert domains_counted(store) == {"d1.example", "d2.example"}
+    assert ingest.results == {"success": 2}
+    store.close()
+
+
+def test_release_goes_on_after_a_failed_commit(tmp_path: Path) -> None:
+    """While following, a failed commit of the held sessions is logged, and the next release
+    commits them."""
+    log = tmp_path / "mail.log"
+    write_log(log, 1)
+    store = BusyStore(tmp_path / "s.sqlite")
+    ingest = Ingest(store, TLSRPTConfig(), str(log))
+    follower = LogFollower(str(log))
+    clock = Clock()
+    stop: Deferred[object] = Deferred()
+    done = ensureDeferred(follow_into(clock, follower, ingest, stop=stop))
+    clock.advance(1.0)
+    store.busy = 1
+    clock.advance(RELEASE_INTERVAL)
+    assert store.day_counts("2026-11-22") == []
     clock.advance(RELEASE_INTERVAL)
     assert sum(n for _, n in store.day_counts("2026-11-22")) == 1
     stop.callback(None)

@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from postfix_mtasts.config import TLSRPTConfig
-from postfix_mtasts.store import Store
+from postfix_mtasts.store import Store, StoreError
 from postfix_mtasts.tlsrpt.aggregate import Aggregator, count_row
 from postfix_mtasts.tlsrpt.logparse import Session, SessionTracker
 from postfix_mtasts.tlsrpt.tailer import LogFollower, Position, StreamFollower, follow
@@ -90,7 +90,13 @@ class Ingest:
         counts = {count_row(k): n for k, n in taken.items()}
         state = pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
         where = None if self.position is None else self.position.to_json()
-        self._store.commit_counts(self._source, where, counts, self._now(), state)
+        try:
+            self._store.commit_counts(self._source, where, counts, self._now(), state)
+        except BaseException:
+            # Not committed: the counts wait for the next commit (the tracker has already
+            # let their sessions go).
+            self._aggregator.counts.update(taken)
+            raise
         for key, n in taken.items():
             self.results[key.result] += n
 
@@ -112,9 +118,17 @@ async def follow_into(
 
     ``handle`` (default: ``ingest.handle``) gets each batch.  Every ``release_interval``
     seconds the sessions held back for a Postfix 3.10 ``TLSRPT:`` line are counted, so that a
-    quiet log does not keep its last deliveries uncounted.
+    quiet log does not keep its last deliveries uncounted; a store error then is logged, and
+    the counts wait for the next commit.
     """
-    release = LoopingCall(ingest.finish)
+
+    def release_held() -> None:
+        try:
+            ingest.finish()
+        except StoreError as e:  # the counts wait for the next commit
+            log.error("cannot commit the held sessions: {error}", error=str(e))
+
+    release = LoopingCall(release_held)
     release.clock = reactor
     release.start(release_interval, now=False)
     try:
