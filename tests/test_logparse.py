@@ -860,19 +860,33 @@ def test_dane_reason_without_relay(reason: str, result: str) -> None:
     assert classify(session, "sts-enforce") is None
 
 
+TLSRPT_EXPIRED = (
+    "TLSRPT: status=failure, domain=Example.NET, receiving_mx=mx1.example.net[192.0.2.25], "
+    "failure_type=certificate_expired, failure_reason=x509 expired"
+)
+
+
 def test_tlsrpt_fields() -> None:
-    """A TLSRPT line's policy domain and result are kept on the session it names."""
-    lines = log(
-        summary("Verified"),
-        delivery(),
-        "TLSRPT: status=failure, domain=Example.NET, receiving_mx=mx1.example.net[192.0.2.25], "
-        "failure_type=certificate_expired",
-    )
-    (session,) = run(lines)[0]
-    assert session.tlsrpt_domain == "example.net"
-    assert session.tlsrpt_result == "certificate-expired"
-    assert session.tlsrpt_reason is None
+    """A TLSRPT line's result and reason are kept on the session it names, not its domain
+    (the TLSRPT policy domain, which may differ from the session's)."""
+    (session,) = run(log(summary("Verified"), delivery(), TLSRPT_EXPIRED))[0]
+    assert (session.tlsrpt_result, session.tlsrpt_reason) == ("certificate-expired", "x509 expired")
     assert session.trust == "Verified"
+    assert "tlsrpt_domain" not in Session._fields
+
+
+def test_tlsrpt_fields_of_a_tracker_saved_with_the_domain() -> None:
+    """A tracker saved while open sessions kept a TLSRPT line's domain as well gives those
+    sessions the line's result and reason."""
+    tracker = SessionTracker(tz=UTC)
+    for line in log(summary("Verified"), TLSRPT_EXPIRED):
+        tracker.feed_text(line, NOW)
+    (proc,) = tracker._procs.values()
+    assert proc.open is not None and proc.open.tlsrpt is not None
+    proc.open.tlsrpt = ("example.net", *proc.open.tlsrpt)  # type: ignore[assignment]
+    restored = pickle.loads(pickle.dumps(tracker))
+    (session,) = restored.feed_text(log(delivery(), start=2)[0], NOW) + restored.flush()
+    assert (session.tlsrpt_result, session.tlsrpt_reason) == ("certificate-expired", "x509 expired")
 
 
 @pytest.mark.parametrize(
@@ -1263,7 +1277,7 @@ def test_reference_sample_sessions() -> None:
     assert classify(anonymous, "none") == OK
     assert classify(anonymous, "sts-testing") == ("validation-failure", "no-peer-certificate")
     (nwex,) = found["sys4"]
-    assert (nwex.mx_ip, nwex.tlsrpt_domain, nwex.tlsrpt_result) == (
+    assert (nwex.mx_ip, nwex.domain, nwex.tlsrpt_result) == (
         "2a01:4f8:222:1548::",
         "nwex.de",
         SUCCESS,

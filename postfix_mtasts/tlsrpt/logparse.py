@@ -175,7 +175,7 @@ _SEVERITIES = frozenset(
 
 
 _new_tuple = tuple.__new__
-_NO_TLSRPT = (None, None, None)
+_NO_TLSRPT = (None, None)
 _NOT_DIGIT = frozenset(" +-Zz")
 """What follows the six fraction digits of an rsyslog stamp: an offset, Z, or the host."""
 _SECONDS = {f"{n:02d}": float(n) for n in range(60)}
@@ -400,7 +400,7 @@ class Session(NamedTuple):
 
     It carries the evidence L{classify} needs, not a result: the result depends on the policy
     that applied, which the store knows (see the module docstring).  A named tuple, like
-    L{LogLine}: a frozen dataclass of twelve fields took longer to build than the rest of the
+    L{LogLine}: a frozen dataclass of eleven fields took longer to build than the rest of the
     work on the line that completes it.
     """
 
@@ -422,10 +422,10 @@ class Session(NamedTuple):
     """The most specific failure line of the session, if any."""
     reason: str | None = None
     """The failure-reason-code that goes with C{failure}."""
-    tlsrpt_domain: str | None = None
-    """The policy domain of a Postfix >= 3.10 C{TLSRPT:} line about this session."""
     tlsrpt_result: str | None = None
-    """That line's result (C{success} or a result type); it decides the session's result."""
+    """The result (C{success} or a result type) of a Postfix >= 3.10 C{TLSRPT:} line about
+    this session; it decides the session's result.  The line's own domain is not kept: it
+    names the TLSRPT policy domain, not necessarily the session's (reference §7.7)."""
     tlsrpt_reason: str | None = None
 
 
@@ -532,7 +532,7 @@ class _Open(_Slotted):
         self.rank = -1
         self.queue_id: str | None = None
         self.domain = ""
-        self.tlsrpt: tuple[str, str, str | None] | None = None
+        self.tlsrpt: tuple[str, str | None] | None = None
         self.skip = False
 
     def add(self, failure: Failure, reason: str | None, rank: int) -> None:
@@ -556,6 +556,7 @@ class _Open(_Slotted):
             self.mx_host = host
 
     def session(self) -> Session:
+        # From the end: a tracker saved by an older version led its tuples with the domain.
         t = self.tlsrpt or _NO_TLSRPT
         return _new_tuple(
             Session,
@@ -569,9 +570,8 @@ class _Open(_Slotted):
                 self.trust,
                 self.failure,
                 self.reason,
-                t[0],
-                t[1],
-                t[2],
+                t[-2],
+                t[-1],
             ),
         )
 
@@ -1399,7 +1399,7 @@ class SessionTracker:
             self._ignored += 1
             return
         target = next((o for o in candidates if o.same(host, ip)), candidates[0])
-        target.tlsrpt = (fields.get("domain", "").lower(), result, reason)
+        target.tlsrpt = (result, reason)
         if target is proc.held:
             self._release(proc, out)
 
