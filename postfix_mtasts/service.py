@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -54,7 +55,9 @@ def make_resolver(config: Config, reactor: Any, store: Store) -> PolicyResolver:
         problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         where, detail = "[https] ca_file", f"{config.https.ca_file}: {problem}"
         raise ConfigError(config.source, where, detail) from None
-    return PolicyResolver(reactor, dns, fetcher, store, zones=config.zones)
+    return PolicyResolver(
+        reactor, dns, fetcher, store, zones=config.zones, monotonic=time.monotonic
+    )
 
 
 class PolicyMap(MultiService):

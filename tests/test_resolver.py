@@ -452,3 +452,25 @@ def test_refresh_starts_each_domain_once_and_stop_drops_the_queue(world: World) 
     assert world.fetcher.fetched[2:] == [running]
     stored = world.store.get_policy(running)
     assert stored is not None and stored.fetched_at == world.clock.seconds()
+
+
+@pytest.mark.parametrize("step", [-86400.0, 86400.0])
+def test_a_wall_clock_step_neither_revives_nor_ends_a_policy(tmp_path: Path, step: float) -> None:
+    """Entries expire by the monotonic clock: after a step of the wall clock, an expired policy
+    stays expired and an unexpired one stays held (reference/mta-sts.md §5)."""
+    world = World(tmp_path)
+    monotonic = Clock()
+    world.resolver = world.new_resolver(monotonic=monotonic.seconds)
+    short = ENFORCE.replace(b"max_age: 86400", b"max_age: 600")
+    world.publish("example.com", "a1", short)
+    world.publish("example.org", "b1", ENFORCE)
+    assert world.ask(b"example.com") == framed(ENFORCE_REPLY)
+    assert world.ask(b"example.org") == framed(ENFORCE_REPLY)
+    world.fetcher.bodies["example.com"] = FetchError(STS_FETCH_ERROR, "HTTP 500")
+    world.fetcher.bodies["example.org"] = FetchError(STS_FETCH_ERROR, "HTTP 500")
+    monotonic.advance(700)  # example.com expired; the wall clock steps instead of moving on
+    world.clock.advance(step if step > 0 else 0)
+    world.clock.rightNow += min(step, 0)
+    assert world.ask(b"example.com") == NOTFOUND
+    assert world.ask(b"example.org") == framed(ENFORCE_REPLY)
+    world.store.close()

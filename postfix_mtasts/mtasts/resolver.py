@@ -16,6 +16,10 @@ whose last TXT check is older than :data:`GRACE` starts a background check; a ti
 every held policy a day after its fetch, or at half its ``max_age`` if sooner; domains without
 a policy are remembered for :data:`NEGATIVE_TTL`; a failed fetch is not retried for the same id
 within :data:`BACKOFF`.
+
+Times kept in memory (when an entry expires, its last TXT check, negative answers, back-off)
+run on a monotonic clock, so that a step of the wall clock can neither revive an expired
+policy nor end one early; what goes to the store (fetch, expiry and refresh times) is UTC.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import datetime
 import random
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,9 +90,10 @@ class Entry:
     domain: str
     txt_id: str
     policy: Policy
-    fetched_at: float
-    expires_at: float
-    checked_at: float
+    fetched_at: float  # UTC
+    expires_at: float  # UTC, for the store and people
+    checked_at: float  # monotonic: the last TXT check
+    deadline: float  # monotonic: when it expires
     replies: dict[ReplyOptions, bytes] | None = None  # made on the first hit
 
     def reply(self, options: ReplyOptions) -> bytes:
@@ -102,15 +107,17 @@ class Entry:
         return reply
 
     @classmethod
-    def from_stored(cls, stored: StoredPolicy) -> Entry:
-        # checked_at 0: the first hit after a load starts a TXT check.
+    def from_stored(cls, stored: StoredPolicy, now: float, monotonic: float) -> Entry:
+        """The entry of ``stored``, read at UTC time ``now`` and monotonic time ``monotonic``."""
+        # checked_at long ago: the first hit after a load starts a TXT check.
         return cls(
             stored.domain,
             stored.txt_id,
             stored.policy,
             stored.fetched_at,
             stored.expires_at,
-            0.0,
+            monotonic - GRACE - 1.0,
+            monotonic + (stored.expires_at - now),
         )
 
 
@@ -151,8 +158,11 @@ class PolicyResolver:
         max_fetches: int = 64,
         refresh_concurrency: int = 8,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self._clock = clock
+        # The daemon passes time.monotonic; tests drive both clocks with one Clock.
+        self._monotonic = monotonic or clock.seconds
         self._dns = dns
         self._fetcher = fetcher
         self._store = store
@@ -162,10 +172,10 @@ class PolicyResolver:
         self._memory: LRUCache[str, Entry] = LRUCache(maxsize=max_entries)
         # Values are the time each item stops counting.
         self._negative: TLRUCache[str, float] = TLRUCache(
-            maxsize=max_negative, ttu=_until, timer=clock.seconds
+            maxsize=max_negative, ttu=_until, timer=self._monotonic
         )
         self._backoff: TLRUCache[str, tuple[str, float]] = TLRUCache(
-            maxsize=max_negative, ttu=_until_pair, timer=clock.seconds
+            maxsize=max_negative, ttu=_until_pair, timer=self._monotonic
         )
         self._inflight: dict[str, _Flight] = {}
         self._fetch_slots = DeferredSemaphore(max_fetches)
@@ -197,9 +207,9 @@ class PolicyResolver:
         domain = normalise_key(key)
         if domain is None:
             return NOTFOUND
-        now = self._clock.seconds()
+        now = self._monotonic()
         entry = self._memory.get(domain)
-        if entry is not None and now < entry.expires_at:
+        if entry is not None and now < entry.deadline:
             self.stats["hits"] += 1
             if now - entry.checked_at > GRACE:
                 self._check_in_background(entry, now)
@@ -207,15 +217,16 @@ class PolicyResolver:
         if domain in self._negative:
             self.stats["negative_hits"] += 1
             return NOTFOUND
-        try:
-            entry = self._from_store(domain, now)
-        except StoreError as e:
-            self.log.error("{domain}: {error}; answering TEMP", domain=domain, error=str(e))
-            return temp_reply("policy store unavailable")
-        if entry is not None:
-            self.stats["hits"] += 1
-            self._check_in_background(entry, now)
-            return entry.reply(options)
+        if entry is None:  # an entry expired in memory is not revived from the store
+            try:
+                entry = self._from_store(domain)
+            except StoreError as e:
+                self.log.error("{domain}: {error}; answering TEMP", domain=domain, error=str(e))
+                return temp_reply("policy store unavailable")
+            if entry is not None:
+                self.stats["hits"] += 1
+                self._check_in_background(entry, now)
+                return entry.reply(options)
         self.stats["misses"] += 1
         return self.resolve(domain, read_store=False).addCallback(_reply_for, options)
 
@@ -227,8 +238,9 @@ class PolicyResolver:
     def load(self) -> int:
         """Fill memory from the store, most recently fetched first; returns the count."""
         count = 0
-        for stored in self._store.load_policies(self._clock.seconds(), int(self._memory.maxsize)):
-            self._memory[stored.domain] = Entry.from_stored(stored)
+        now, monotonic = self._clock.seconds(), self._monotonic()
+        for stored in self._store.load_policies(now, int(self._memory.maxsize)):
+            self._memory[stored.domain] = Entry.from_stored(stored, now, monotonic)
             count += 1
         return count
 
@@ -238,11 +250,12 @@ class PolicyResolver:
         domain = normalise_key(key.encode("utf-8", "surrogateescape"))
         if domain is None:
             return Answer(None, NOTFOUND, "none", None)
-        now = self._clock.seconds()
         entry = self._memory.get(domain)
         source = "cache"
-        if entry is None or now >= entry.expires_at:
-            entry, source = self._from_store(domain, now), "store"
+        if entry is None:
+            entry, source = self._from_store(domain), "store"
+        elif self._monotonic() >= entry.deadline:
+            entry = None
         if entry is not None:
             # Answered at once, as the map does; the check then updates the store.
             reply = entry.reply(options)
@@ -285,11 +298,12 @@ class PolicyResolver:
         Deferred.fromCoroutine(self._update(domain, flight, read_store)).addBoth(done)
         return waiter
 
-    def _from_store(self, domain: str, now: float) -> Entry | None:
+    def _from_store(self, domain: str) -> Entry | None:
         stored = self._store.get_policy(domain)
+        now = self._clock.seconds()
         if stored is None or now >= stored.expires_at:
             return None
-        entry = self._memory[domain] = Entry.from_stored(stored)
+        entry = self._memory[domain] = Entry.from_stored(stored, now, self._monotonic())
         return entry
 
     def _check_in_background(self, entry: Entry, now: float) -> None:
@@ -300,7 +314,6 @@ class PolicyResolver:
         self.log.failure("unexpected error while resolving {domain}", failure, domain=domain)
 
     async def _update(self, domain: str, flight: _Flight, read_store: bool) -> Entry | None:
-        now = self._clock.seconds()
         held = self._memory.get(domain)
         if held is None and read_store:
             try:
@@ -308,8 +321,9 @@ class PolicyResolver:
             except StoreError as e:
                 self.log.error("{domain}: {error}", domain=domain, error=str(e))
                 stored = None
-            held = Entry.from_stored(stored) if stored is not None else None
-        valid = held if held is not None and now < held.expires_at else None
+            if stored is not None:
+                held = Entry.from_stored(stored, self._clock.seconds(), self._monotonic())
+        valid = held if held is not None and self._monotonic() < held.deadline else None
 
         txt_id: str | None = None
         problem = ""
@@ -325,7 +339,7 @@ class PolicyResolver:
             problem = "no _mta-sts record"
         except InvalidRecord as e:
             problem = f"invalid _mta-sts record: {e}"
-        now = self._clock.seconds()
+        now = self._monotonic()
         refresh = flight.refresh
 
         if txt_id is None:
@@ -367,15 +381,16 @@ class PolicyResolver:
             return self._fetch_failed(domain, txt_id, valid, e.failure_type, e.detail)
         except PolicyError as e:
             return self._fetch_failed(domain, txt_id, valid, STS_POLICY_INVALID, str(e))
-        now = self._clock.seconds()
+        now, monotonic = self._clock.seconds(), self._monotonic()
         refresh_in = min(REFRESH_INTERVAL, policy.max_age / 2) * self._rng.uniform(0.9, 1.0)
-        stored = StoredPolicy(
-            domain, txt_id, policy, now, now + policy.max_age, now + max(refresh_in, GRACE)
+        expires_at = now + policy.max_age
+        stored = StoredPolicy(domain, txt_id, policy, now, expires_at, now + max(refresh_in, GRACE))
+        entry = Entry(
+            domain, txt_id, policy, now, expires_at, monotonic, monotonic + policy.max_age
         )
-        entry = Entry(domain, txt_id, policy, now, now + policy.max_age, now)
         if policy.max_age == 0:
             # Held by no cache: refetched at most once per back-off period (mta-sts.md §5).
-            self._backoff[domain] = (txt_id, now + BACKOFF)
+            self._backoff[domain] = (txt_id, monotonic + BACKOFF)
         else:
             self._backoff.pop(domain, None)
         self._negative.pop(domain, None)
@@ -405,16 +420,16 @@ class PolicyResolver:
     def _fetch_failed(
         self, domain: str, txt_id: str, valid: Entry | None, failure_type: str, detail: str
     ) -> Entry | None:
-        now = self._clock.seconds()
+        now, monotonic = self._clock.seconds(), self._monotonic()
         self.stats["fetch_failures"] += 1
         self.failure_types[failure_type] += 1
-        self._backoff[domain] = (txt_id, now + BACKOFF)
+        self._backoff[domain] = (txt_id, monotonic + BACKOFF)
         try:
             self._store.record_failure(domain, now, failure_type, detail, txt_id)
         except StoreError as e:
             self.log.error("{domain}: {error}", domain=domain, error=str(e))
         if valid is not None:
-            valid.checked_at = now
+            valid.checked_at = monotonic
             until = iso_utc(valid.expires_at)
             keeping = f"; keeping the policy with id {valid.txt_id} until {until}"
         else:
@@ -468,7 +483,7 @@ class PolicyResolver:
         backoff = self._backoff.get(domain)
         if backoff is not None:
             # A fetch failed a moment ago (and said so): refresh when its back-off ends.
-            self._refresh_at(domain, backoff[1])
+            self._refresh_at(domain, self._clock.seconds() + backoff[1] - self._monotonic())
             return
         entry = await self.resolve(domain, refresh=True)
         if entry is not None and entry.fetched_at >= started:
