@@ -358,6 +358,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             for lines, position in follower.read_available():
                 ingest.handle(lines, position)
                 progress.maybe_report()
+            ingest.caught_up()
             ingest.finish()
             progress.report(final=True)
             return EXIT_OK
@@ -370,7 +371,14 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
                 from postfix_mtasts.tlsrpt.outbox import DailySchedule, Outbox  # noqa: PLC0415
 
                 outbox = Outbox(reactor, store, config, _dns(config, reactor), dkim_key=dkim_key)
-                schedule = DailySchedule(reactor, store, config, outbox, ingest.finish)
+                schedule = DailySchedule(
+                    reactor,
+                    store,
+                    config,
+                    outbox,
+                    ingest.finish,
+                    read_through=lambda: ingest.read_through,
+                )
             if config.metrics.tail:
                 from postfix_mtasts import metrics as m  # noqa: PLC0415
 
@@ -381,10 +389,15 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
                 except Exception as e:  # noqa: BLE001 (CannotListenError, OSError, ...)
                     print(f"postfix-mtasts: cannot start: [metrics] tail: {e}", file=sys.stderr)
                     raise SystemExit(EXIT_FAILED) from None
-            if schedule is not None:
-                schedule.start()
+
+            def start_schedule() -> None:  # once the backlog is read
+                if schedule is not None and not schedule.running:
+                    schedule.start()
+
             try:
-                await follow_into(reactor, follower, ingest, progress.handle)
+                await follow_into(
+                    reactor, follower, ingest, progress.handle, caught_up=start_schedule
+                )
             finally:
                 if schedule is not None:
                     schedule.stop()
@@ -434,8 +447,15 @@ class _Progress:
 
 
 def _report(config: Config, args: argparse.Namespace) -> int:
+    from postfix_mtasts.mtasts.resolver import iso_utc  # noqa: PLC0415
     from postfix_mtasts.tlsrpt.daily import day_reports  # noqa: PLC0415
-    from postfix_mtasts.tlsrpt.outbox import prune, queue_day, read_dkim_key  # noqa: PLC0415
+    from postfix_mtasts.tlsrpt.ingest import log_read_through  # noqa: PLC0415
+    from postfix_mtasts.tlsrpt.outbox import (  # noqa: PLC0415
+        day_ready,
+        prune,
+        queue_day,
+        read_dkim_key,
+    )
 
     config.require_reporting()
     _start_logging(LogLevel.warn)
@@ -448,12 +468,24 @@ def _report(config: Config, args: argparse.Namespace) -> int:
         _drop(config)
     store = Store(config.store_path())
     try:
-        if args.send:
-            reports, _ = queue_day(store, config, day, time.time())
-            prune(store, time.time())
+        read_through = log_read_through(store)
+        if args.send and not day_ready(day, read_through):
+            # Its lines are not all counted: a later run queues it (the tail service's own
+            # schedule waits the same way).
+            why = (
+                "no mail log has been read yet"
+                if read_through is None
+                else f"the mail log has been read through {iso_utc(read_through)} only"
+            )
+            print(f"{day}: not queued yet: {why}; a later run queues it")
+            code = EXIT_OK
         else:
-            reports = day_reports(store, config.tlsrpt, day, time.time())
-        code = _write_reports(reports, args.out, day)
+            if args.send:
+                reports, _ = queue_day(store, config, day, time.time())
+                prune(store, time.time())
+            else:
+                reports = day_reports(store, config.tlsrpt, day, time.time())
+            code = _write_reports(reports, args.out, day)
         if args.send:
             code = max(code, _send(config, store, day, dkim_key))
     finally:

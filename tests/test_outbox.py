@@ -28,6 +28,7 @@ from postfix_mtasts.config import Config, HTTPSConfig, TLSRPTConfig
 from postfix_mtasts.mtasts.dns import DNSClient
 from postfix_mtasts.store import OutboxRow, Store
 from postfix_mtasts.tlsrpt.aggregate import CountKey, count_row
+from postfix_mtasts.tlsrpt.ingest import Ingest
 from postfix_mtasts.tlsrpt.outbox import (
     BUILD_GRACE,
     GIVE_UP_AFTER,
@@ -35,6 +36,7 @@ from postfix_mtasts.tlsrpt.outbox import (
     DailySchedule,
     Outbox,
     after_failure,
+    day_ready,
     outcome_lines,
     prune,
     queue_day,
@@ -465,10 +467,62 @@ class Calls:
         self.count += 1
 
 
-def schedule_for(store: Store, clock: Clock, before: Calls) -> DailySchedule:
+def schedule_for(
+    store: Store, clock: Clock, before: Calls, *, log_read: bool = True
+) -> DailySchedule:
+    """A schedule of the ``tail`` service whose log is read up to the clock's time, or (not
+    ``log_read``) as far as the store says."""
     config = config_for(send_delay=3600.0)
     outbox = Outbox(clock, store, config, NoDNS())
-    return DailySchedule(clock, store, config, outbox, before, uniform=lambda a, b: b)
+    return DailySchedule(
+        clock,
+        store,
+        config,
+        outbox,
+        before,
+        read_through=clock.seconds if log_read else None,
+        uniform=lambda a, b: b,
+    )
+
+
+def read_log_through(store: Store, at: float) -> None:
+    """Have a tailer commit that it has read its log (standard input) through ``at``."""
+    ingest = Ingest(store, TLSRPTConfig(), "-", now=lambda: at)
+    ingest.caught_up()
+    ingest.finish()
+
+
+@pytest.mark.parametrize(
+    ("read_through", "ready"),
+    [
+        (None, False),
+        (MIDNIGHT + BUILD_GRACE - 0.001, False),
+        (MIDNIGHT + BUILD_GRACE, True),
+        (MIDNIGHT + 86400, True),
+    ],
+)
+def test_day_ready(read_through: float | None, ready: bool) -> None:
+    """A day is ready once the log has been read up to the grace after its end."""
+    assert day_ready(DAY, read_through) is ready
+
+
+def test_schedule_waits_for_the_log_to_be_read_past_the_day(store: Store) -> None:
+    """However late the clock, a day is queued only once the tailer has committed that it read
+    its log past the day's end plus the grace: a day missed while it was stopped waits."""
+    clock, before = Clock(), Calls()
+    clock.advance(MIDNIGHT + 3600)
+    store.set_meta(QUEUED_THROUGH, "2026-11-20")
+    schedule = schedule_for(store, clock, before, log_read=False)
+    assert schedule.queue_due_days() == []  # no log read at all
+    read_log_through(store, MIDNIGHT - 3 * 3600)  # stopped at 21:00 on DAY
+    assert schedule.queue_due_days() == [datetime.date(2026, 11, 21)]
+    assert store.meta(QUEUED_THROUGH) == "2026-11-21" and store.outbox() == []
+    read_log_through(store, MIDNIGHT + BUILD_GRACE - 1)
+    assert schedule.queue_due_days() == []
+    read_log_through(store, MIDNIGHT + BUILD_GRACE)
+    assert schedule.queue_due_days() == [DAY]
+    assert [r.day for r in store.outbox()] == [DAY.isoformat()]
+    assert before.count == 4
 
 
 def test_schedule_waits_for_the_grace_after_midnight(store: Store) -> None:
@@ -611,6 +665,32 @@ async def test_report_send_command(reactor: Any, setup: Setup, tmp_path: Path) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_report_send_command_waits_for_the_log(
+    reactor: Any, setup: Setup, tmp_path: Path
+) -> None:
+    """`report --send` queues a day only once a tailer has read the log past its end and the
+    grace; before, it says so, delivers what else is due and exits 0."""
+    day = datetime.date(2026, 11, 21)
+    key = CountKey(day.isoformat(), PolicyKey("no-policy-found", "gate.example"), "success")
+    setup.store.commit_counts("mail.log", None, {count_row(key): 4}, 0.0)
+    setup.dns.set("_smtp._tls.gate.example", [("TXT", f"v=TLSRPTv1; rua={setup.url}")])
+    config = write_config(tmp_path / "c.toml", setup)
+    args = ["report", "-c", str(config), "--day", day.isoformat(), "--send"]
+    read_log_through(setup.store, MIDNIGHT - 86400 + BUILD_GRACE - 1)
+    out, err, code = await run(reactor, args)
+    assert code == 0, err
+    assert out.splitlines()[0] == (
+        "2026-11-21: not queued yet: the mail log has been read through"
+        " 2026-11-22T00:04:59Z only; a later run queues it"
+    )
+    assert setup.store.outbox(day.isoformat()) == []
+    read_log_through(setup.store, MIDNIGHT - 86400 + BUILD_GRACE)
+    out, err, code = await run(reactor, args)
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"gate.example: {setup.url}: sent"
+
+
+@pytest_twisted.ensureDeferred
 async def test_report_send_command_fails_when_refused(
     reactor: Any, setup: Setup, tmp_path: Path
 ) -> None:
@@ -629,8 +709,9 @@ async def test_report_send_command_fails_when_refused(
 
 @pytest_twisted.ensureDeferred
 async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_path: Path) -> None:
-    """With send = true, the running tail service queues the finished day and delivers it;
-    its metrics page counts the log lines, the sessions, the report built and its sending."""
+    """With send = true, the running tail service queues the finished day and delivers it,
+    with the day's log lines it read when it started; its metrics page counts the log lines,
+    the sessions, the report built and its sending."""
     day = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=2)
     policy = PolicyKey("no-policy-found", "tail.example")
     counts = {count_row(CountKey(day.isoformat(), policy, "success")): 5}
@@ -643,6 +724,15 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
         f.write(f'[metrics]\ntail = "tcp:{metrics_port}"\n')
     log = tmp_path / "mail.log"
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    late = datetime.datetime.combine(day, datetime.time(23, 30), datetime.UTC)
+    log_lines = [  # a session late on the day, logged while the service was stopped
+        f"{late.isoformat()} mx postfix/smtp[6]: Verified TLS connection established to"
+        " mx.tail.example[192.0.2.27]:25: TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"
+        " (256/256 bits)",
+        f"{late.isoformat()} mx postfix/smtp[6]: 5A0E94D2F3: to=<b@tail.example>,"
+        " relay=mx.tail.example[192.0.2.27]:25, delay=1, delays=0/0/0.5/0.5, dsn=2.0.0,"
+        " status=sent (250 2.0.0 Ok)",
+    ]
     lines = [
         (0, 7, "Verified TLS connection established to mx.example.net[192.0.2.25]:25:"
                " TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
@@ -650,12 +740,11 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
                " delay=1, delays=0/0/0.5/0.5, dsn=2.0.0, status=sent (250 2.0.0 Ok)"),
         (60, 8, "connect to mx.example.org[192.0.2.26]:25: Connection timed out"),
     ]  # fmt: skip
-    log.write_text(
-        "".join(
-            f"{(now + datetime.timedelta(seconds=s)).isoformat()} mx postfix/smtp[{pid}]: {m}\n"
-            for s, pid, m in lines
-        )
-    )
+    log_lines += [
+        f"{(now + datetime.timedelta(seconds=s)).isoformat()} mx postfix/smtp[{pid}]: {m}"
+        for s, pid, m in lines
+    ]
+    log.write_text("".join(line + "\n" for line in log_lines))
     daemon = Daemon(config, tmp_path / "tail.out")
     daemon.start(args=("tail", str(log)))
 
@@ -672,9 +761,9 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
             if (m + "report_attempts_total", "sent") in samples:
                 break
             await deferLater(reactor, 0.05, lambda: None)
-        assert samples[(m + "log_lines_read_total", "")] == 3
+        assert samples[(m + "log_lines_read_total", "")] == 5
         assert samples[(m + "log_lines_skipped_total", "not-understood")] == 0
-        assert samples[(m + "sessions_total", "success")] == 1
+        assert samples[(m + "sessions_total", "success")] == 2
         # Two finished days have counts: the setup's example.net and this test's tail.example.
         assert samples[(m + "reports_built_total", "")] == 2, daemon.output()
         # example.net's report goes to its two addresses at once, tail.example's to one.
@@ -686,5 +775,5 @@ async def test_tail_service_sends_finished_days(reactor: Any, setup: Setup, tmp_
     [report] = received()
     assert validate_report(report) == []
     assert report["date-range"]["start-datetime"] == f"{day.isoformat()}T00:00:00Z"
-    assert report["policies"][0]["summary"]["total-successful-session-count"] == 5
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 6
     assert "delivered to " + setup.url in daemon.output()

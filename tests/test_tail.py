@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from twisted.internet.task import Clock
 
 from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.store import OutboxRow, Store, StoreError
-from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into
+from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into, log_read_through
 from postfix_mtasts.tlsrpt.tailer import LogFollower
 
 TLS = (
@@ -209,6 +210,101 @@ def test_release_goes_on_after_a_failed_commit(tmp_path: Path) -> None:
     assert store.day_counts("2026-11-22") == []
     clock.advance(RELEASE_INTERVAL)
     assert sum(n for _, n in store.day_counts("2026-11-22")) == 1
+    stop.callback(None)
+    clock.advance(1.0)
+    assert done.called
+    follower.close()
+    store.close()
+
+
+def at(text: str) -> float:
+    """The Unix time of a time of day on 2026-11-22, UTC."""
+    return datetime.datetime.fromisoformat(f"2026-11-22T{text}+00:00").timestamp()
+
+
+@pytest.mark.parametrize(
+    ("lines", "now", "expected"),
+    [
+        ([NOISE.format(t="12:00:01+00:00", qid="A1")], at("13:00:00"), at("12:00:01")),
+        (  # the last line that has a stamp
+            [NOISE.format(t="12:00:01+00:00", qid="A1"), "garbage", ""],
+            at("13:00:00"),
+            at("12:00:01"),
+        ),
+        (  # never beyond the clock
+            [NOISE.format(t="12:00:01+00:00", qid="A1")],
+            at("11:00:00"),
+            at("11:00:00"),
+        ),
+        (["garbage"], at("13:00:00"), None),
+    ],
+)
+def test_read_through_is_the_last_stamp_committed(
+    tmp_path: Path, lines: list[str], now: float, expected: float | None
+) -> None:
+    """A commit records the stamp of the last line read that has one, but not beyond the
+    clock, in the Ingest and in the store."""
+    store = Store(tmp_path / "s.sqlite")
+    ingest = Ingest(store, TLSRPTConfig(), "mail.log", now=lambda: now)
+    ingest.handle([line.encode() for line in lines], None)
+    assert ingest.read_through == expected
+    assert log_read_through(store) == expected
+    store.close()
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_caught_up_reads_through_the_present(tmp_path: Path, exists: bool) -> None:
+    """Having read all of an idle log, a tailer has read it through the present; not when
+    the log does not exist."""
+    log = tmp_path / "mail.log"
+    if exists:
+        write_log(log, 1)
+    store = Store(tmp_path / "s.sqlite")
+    now = at("23:59:00")
+    ingest = Ingest(store, TLSRPTConfig(), str(log), now=lambda: now)
+    ingest.handle([NOISE.format(t="10:00:00+00:00", qid="A1").encode()], None)
+    now = at("23:59:00") + 7200
+    ingest.caught_up()
+    assert ingest.read_through == at("10:00:00")  # until the next commit
+    ingest.finish()
+    assert ingest.read_through == (now if exists else at("10:00:00"))
+    assert log_read_through(store) == ingest.read_through
+    store.close()
+
+
+def test_store_keeps_the_furthest_read_through(tmp_path: Path) -> None:
+    """With two logs followed into one store, the store keeps the furthest read-through."""
+    store = Store(tmp_path / "s.sqlite")
+    for source, t in (("a", at("12:00:00")), ("b", at("11:00:00"))):
+        ingest = Ingest(store, TLSRPTConfig(), source, now=lambda t=t: t)  # type: ignore[misc]
+        ingest.handle([NOISE.format(t="23:00:00+00:00", qid="A1").encode()], None)
+        assert ingest.read_through == t
+    assert log_read_through(store) == at("12:00:00")
+    store.close()
+
+
+def test_following_tells_when_all_is_read(tmp_path: Path) -> None:
+    """While following, each time the log is read to its end the tailer has read through the
+    present (committed with the next release) and the caught_up hook is called."""
+    log = tmp_path / "mail.log"
+    write_log(log, 1)
+    store = Store(tmp_path / "s.sqlite")
+    clock = Clock()
+    clock.advance(at("23:00:00") + 2 * 86400)
+    ingest = Ingest(store, TLSRPTConfig(), str(log), now=clock.seconds)
+    follower = LogFollower(str(log))
+    hook: list[float] = []
+    stop: Deferred[object] = Deferred()
+    done = ensureDeferred(
+        follow_into(clock, follower, ingest, stop=stop, caught_up=lambda: hook.append(1.0))
+    )
+    assert hook == [1.0]  # the backlog is read at once
+    assert ingest.read_through == at("10:00:00")
+    clock.pump([1.0] * int(RELEASE_INTERVAL))  # a poll a second
+    assert len(hook) == 1 + int(RELEASE_INTERVAL)
+    committed = log_read_through(store)
+    assert committed is not None and clock.seconds() - 1.0 <= committed <= clock.seconds()
+    assert ingest.read_through == committed
     stop.callback(None)
     clock.advance(1.0)
     assert done.called

@@ -1001,6 +1001,18 @@ class SessionTracker:
         self._skipped += skipped
         return out
 
+    def line_time(self, line: str, now: datetime) -> float | None:
+        """The UTC Unix time of a raw line of any service, C{None} if it has no process tag
+        or no readable stamp; the line is not fed, and not counted anywhere.
+
+        @param now: as for L{feed_text}.
+        """
+        parser = self._parser
+        unreadable = parser.unreadable
+        parsed = parser.parse(line, now)
+        parser.unreadable = unreadable
+        return None if parsed is None else parsed[0]
+
     def feed(self, line: LogLine) -> list[Session]:
         """Feed one parsed line; return the sessions it completed."""
         out: list[Session] = []

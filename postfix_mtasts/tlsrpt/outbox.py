@@ -36,6 +36,7 @@ from postfix_mtasts.tlsrpt.deliver import (
     post_https,
     send_mail,
 )
+from postfix_mtasts.tlsrpt.ingest import log_read_through
 from postfix_mtasts.tlsrpt.record import ReportRecordError, mailto_address, parse_tlsrpt_records
 
 log = Logger()
@@ -55,8 +56,8 @@ DELIVERY_TIMEOUT = 60.0
 CONCURRENCY = 8
 """Attempts in flight at once."""
 BUILD_GRACE = 300.0
-"""Seconds after UTC midnight before the ``tail`` service builds the day's reports, so that
-the last lines of the day have reached the log."""
+"""Seconds after UTC midnight that the log must have been read past before a day's reports
+are built (:func:`day_ready`), so that the last lines of the day have reached the log."""
 CATCH_UP_DAYS = 7
 """How many missed days the ``tail`` service queues when it was not running at midnight."""
 KEEP_DAYS = 32
@@ -72,6 +73,14 @@ class TXTLookup(Protocol):
     async def txt(self, name: str) -> list[bytes]: ...
 
     async def addresses(self, name: str) -> list[str]: ...
+
+
+def day_ready(day: datetime.date, read_through: float | None) -> bool:
+    """Whether ``day``'s reports may be built: the log has been read (and the reading
+    committed) up to :data:`BUILD_GRACE` after the day's end; see
+    :attr:`postfix_mtasts.tlsrpt.ingest.Ingest.read_through`."""
+    end = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time(), datetime.UTC)
+    return read_through is not None and read_through >= end.timestamp() + BUILD_GRACE
 
 
 def retry_delay(failures: int, spread: float) -> float:
@@ -372,11 +381,14 @@ class Outbox:
 
 
 class DailySchedule:
-    """Inside the ``tail`` service: after each UTC midnight (plus :data:`BUILD_GRACE`), build
-    the finished day's reports, each due after a random delay of up to ``[tlsrpt]
-    send_delay``; and every ``interval`` seconds deliver what is due.
+    """Inside the ``tail`` service: once the log has been read past each UTC midnight (plus
+    :data:`BUILD_GRACE`), build the finished day's reports, each due after a random delay of
+    up to ``[tlsrpt] send_delay``; and every ``interval`` seconds deliver what is due.
 
-    ``before_build`` is called first, so that the sessions the tailer holds are counted.
+    ``before_build`` is called first, so that the sessions the tailer holds are counted;
+    then ``read_through()`` tells how far the log has been read (default: the store's
+    :func:`~postfix_mtasts.tlsrpt.ingest.log_read_through`), and the days it is not past
+    (:func:`day_ready`) wait for a later tick.
     A store error ends the tick, and the next one tries again; a day whose build fails
     otherwise (a bug) is logged and passed over (``report --day DAY --send`` builds it by
     hand), so that one bad day stops neither the days after it nor the schedule.
@@ -390,6 +402,7 @@ class DailySchedule:
         outbox: Outbox,
         before_build: Callable[[], object] = lambda: None,
         *,
+        read_through: Callable[[], float | None] | None = None,
         interval: float = 60.0,
         uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
@@ -398,6 +411,7 @@ class DailySchedule:
         self._config = config
         self._outbox = outbox
         self._before_build = before_build
+        self._read_through = read_through or (lambda: log_read_through(store))
         self._uniform = uniform
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
@@ -438,7 +452,8 @@ class DailySchedule:
         return Deferred.fromCoroutine(guarded())
 
     def queue_due_days(self) -> list[datetime.date]:
-        """Queue every finished day not queued yet (at most :data:`CATCH_UP_DAYS` back)."""
+        """Queue every finished day not queued yet (at most :data:`CATCH_UP_DAYS` back) that
+        the log has been read past; returns those days."""
         now = self._clock.seconds()
         today = datetime.datetime.fromtimestamp(now - BUILD_GRACE, datetime.UTC).date()
         last = today - datetime.timedelta(days=1)
@@ -453,6 +468,10 @@ class DailySchedule:
         if not days:
             return []
         self._before_build()
+        read_through = self._read_through()
+        days = [day for day in days if day_ready(day, read_through)]
+        if not days:
+            return []
         delay = self._config.tlsrpt.send_delay
         for day in days:
             try:
@@ -471,7 +490,7 @@ class DailySchedule:
                 n=len(reports),
                 new=new,
             )
-        self._store.set_meta(QUEUED_THROUGH, last.isoformat())
+        self._store.set_meta(QUEUED_THROUGH, days[-1].isoformat())
         prune(self._store, now)
         return days
 
