@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="build the TLS reports of one finished UTC day")
     config_option(report)
-    report.add_argument("--day", type=_day, help="the UTC day, YYYY-MM-DD (default: yesterday)")
+    report.add_argument(
+        "--day",
+        type=_day,
+        help="the UTC day, YYYY-MM-DD (default: yesterday; with --send, each day not queued yet)",
+    )
     report.add_argument("--out", metavar="DIR", type=Path, help="write each report to DIR")
     report.add_argument(
         "--send",
@@ -452,8 +456,10 @@ def _report(config: Config, args: argparse.Namespace) -> int:
     from postfix_mtasts.tlsrpt.ingest import log_read_through  # noqa: PLC0415
     from postfix_mtasts.tlsrpt.outbox import (  # noqa: PLC0415
         day_ready,
+        days_to_queue,
         prune,
         queue_day,
+        queue_days,
         read_dkim_key,
     )
 
@@ -468,29 +474,33 @@ def _report(config: Config, args: argparse.Namespace) -> int:
         _drop(config)
     store = Store(config.store_path())
     try:
+        now = time.time()
+        if not args.send:
+            return _write_reports(day_reports(store, config.tlsrpt, day, now), args.out, day)
+        # Without --day, every day not queued yet, as the tail service's schedule does.
+        days = [args.day] if args.day else days_to_queue(store, now)
         read_through = log_read_through(store)
-        if args.send and not day_ready(day, read_through):
-            # Its lines are not all counted: a later run queues it (the tail service's own
-            # schedule waits the same way).
+        ready = [d for d in days if day_ready(d, read_through)]  # the earliest days first
+        for waiting in days[len(ready) :]:
+            # Its lines are not all counted: a later run queues it.
             why = (
                 "no mail log has been read yet"
                 if read_through is None
                 else f"the mail log has been read through {iso_utc(read_through)} only"
             )
-            print(f"{day}: not queued yet: {why}; a later run queues it")
-            code = EXIT_OK
+            print(f"{waiting}: not queued yet: {why}; a later run queues it")
+        if args.day:
+            built = [(d, *queue_day(store, config, d, now)) for d in ready]
+            prune(store, now)
         else:
-            if args.send:
-                reports, _ = queue_day(store, config, day, time.time())
-                prune(store, time.time())
-            else:
-                reports = day_reports(store, config.tlsrpt, day, time.time())
-            code = _write_reports(reports, args.out, day)
-        if args.send:
-            code = max(code, _send(config, store, day, dkim_key))
+            built = queue_days(store, config, ready, now)
+        code = EXIT_OK
+        for built_day, reports, _ in built:
+            code = max(code, _write_reports(reports, args.out, built_day))
+        shown = [d for d, _, _ in built] or [day]
+        return max(code, _send(config, store, shown, dkim_key))
     finally:
         store.close()
-    return code
 
 
 def _write_reports(reports: list[DayReport], out: Path | None, day: datetime.date) -> int:
@@ -514,8 +524,8 @@ def _write_reports(reports: list[DayReport], out: Path | None, day: datetime.dat
     return EXIT_OK
 
 
-def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | None) -> int:
-    """Deliver what the outbox has due; 1 when one of ``day``'s reports was given up."""
+def _send(config: Config, store: Store, days: list[datetime.date], dkim_key: bytes | None) -> int:
+    """Deliver what the outbox has due; 1 when one of ``days``' reports was given up."""
     from twisted.internet import reactor  # noqa: PLC0415 (installed only when needed)
 
     from postfix_mtasts.tlsrpt.outbox import Outbox, outcome_lines  # noqa: PLC0415
@@ -526,7 +536,7 @@ def _send(config: Config, store: Store, day: datetime.date, dkim_key: bytes | No
         return EXIT_OK
 
     code = _react(run)
-    rows = store.outbox(day.isoformat())
+    rows = [row for day in days for row in store.outbox(day.isoformat())]
     if rows:
         print(outcome_lines(rows))
     if any(r.state in ("failed", "expired") for r in rows):

@@ -13,6 +13,7 @@ import datetime
 import gzip
 import json
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -688,6 +689,29 @@ async def test_report_send_command_waits_for_the_log(
     out, err, code = await run(reactor, args)
     assert code == 0, err
     assert out.splitlines()[-1] == f"gate.example: {setup.url}: sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_report_send_command_catches_up(reactor: Any, setup: Setup, tmp_path: Path) -> None:
+    """Without --day, `report --send` queues every finished day since the last one queued
+    that the log has been read past, as the tail service's schedule does."""
+    today = datetime.datetime.fromtimestamp(time.time() - BUILD_GRACE, datetime.UTC).date()
+    days = [today - datetime.timedelta(days=n) for n in (3, 2)]
+    for n, day in enumerate(days, 1):
+        key = CountKey(day.isoformat(), PolicyKey("no-policy-found", "gate.example"), "success")
+        setup.store.commit_counts("mail.log", None, {count_row(key): n}, 0.0)
+    setup.store.set_meta(QUEUED_THROUGH, (today - datetime.timedelta(days=4)).isoformat())
+    setup.dns.set("_smtp._tls.gate.example", [("TXT", f"v=TLSRPTv1; rua={setup.url}")])
+    read_log_through(setup.store, time.time())
+    config = write_config(tmp_path / "c.toml", setup)
+    out, err, code = await run(reactor, ["report", "-c", str(config), "--send"])
+    assert code == 0, err
+    for day in days:
+        sent = [r.state for r in setup.store.outbox(day.isoformat()) if r.destination]
+        assert sent == ["sent"], day
+    assert out.count(f"gate.example: {setup.url}: sent") == 2
+    yesterday = today - datetime.timedelta(days=1)
+    assert setup.store.meta(QUEUED_THROUGH) == yesterday.isoformat()
 
 
 @pytest_twisted.ensureDeferred

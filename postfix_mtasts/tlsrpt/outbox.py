@@ -138,6 +138,54 @@ def queued(report: DayReport, day: datetime.date) -> QueuedReport:
     )
 
 
+def days_to_queue(store: Store, now: float) -> list[datetime.date]:
+    """The finished days not queued yet at ``now``: those after the last day queued, at most
+    :data:`CATCH_UP_DAYS` back, or yesterday alone when nothing was ever queued.  Each is
+    queued once :func:`day_ready` says so."""
+    today = datetime.datetime.fromtimestamp(now - BUILD_GRACE, datetime.UTC).date()
+    last = today - datetime.timedelta(days=1)
+    through = store.meta(QUEUED_THROUGH)
+    first = last
+    if through is not None:
+        first = max(
+            datetime.date.fromisoformat(through) + datetime.timedelta(days=1),
+            today - datetime.timedelta(days=CATCH_UP_DAYS),
+        )
+    return [first + datetime.timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def queue_days(
+    store: Store,
+    config: Config,
+    days: list[datetime.date],
+    now: float,
+    delay: Callable[[], float] = lambda: 0.0,
+) -> list[tuple[datetime.date, list[DayReport], int]]:
+    """Queue ``days`` (see :func:`queue_day`) and mark the last as queued; returns each day
+    built with its reports and how many were new.  A day that cannot be built is logged and
+    left out; a :class:`StoreError` stops there, to be tried again."""
+    built = []
+    for day in days:
+        try:
+            reports, new = queue_day(store, config, day, now, delay)
+        except StoreError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad day must not stop the others
+            log.failure("reports of {day}: not built", day=day.isoformat())
+            continue
+        built.append((day, reports, new))
+        log.info(
+            "reports of {day}: {n} built, {new} queued",
+            day=day.isoformat(),
+            n=len(reports),
+            new=new,
+        )
+    if days:
+        store.set_meta(QUEUED_THROUGH, days[-1].isoformat())
+        prune(store, now)
+    return built
+
+
 def queue_day(
     store: Store,
     config: Config,
@@ -455,43 +503,15 @@ class DailySchedule:
         """Queue every finished day not queued yet (at most :data:`CATCH_UP_DAYS` back) that
         the log has been read past; returns those days."""
         now = self._clock.seconds()
-        today = datetime.datetime.fromtimestamp(now - BUILD_GRACE, datetime.UTC).date()
-        last = today - datetime.timedelta(days=1)
-        through = self._store.meta(QUEUED_THROUGH)
-        first = last
-        if through is not None:
-            first = max(
-                datetime.date.fromisoformat(through) + datetime.timedelta(days=1),
-                today - datetime.timedelta(days=CATCH_UP_DAYS),
-            )
-        days = [first + datetime.timedelta(days=n) for n in range((last - first).days + 1)]
+        days = days_to_queue(self._store, now)
         if not days:
             return []
         self._before_build()
         read_through = self._read_through()
         days = [day for day in days if day_ready(day, read_through)]
-        if not days:
-            return []
         delay = self._config.tlsrpt.send_delay
-        for day in days:
-            try:
-                reports, new = queue_day(
-                    self._store, self._config, day, now, lambda: self._uniform(0.0, delay)
-                )
-            except StoreError:
-                raise  # the next tick tries the day again
-            except Exception:  # noqa: BLE001 - one bad day must not stop the others
-                log.failure("reports of {day}: not built", day=day.isoformat())
-                continue
-            self.built += len(reports)
-            log.info(
-                "reports of {day}: {n} built, {new} queued",
-                day=day.isoformat(),
-                n=len(reports),
-                new=new,
-            )
-        self._store.set_meta(QUEUED_THROUGH, days[-1].isoformat())
-        prune(self._store, now)
+        built = queue_days(self._store, self._config, days, now, lambda: self._uniform(0.0, delay))
+        self.built += sum(len(reports) for _, reports, _ in built)
         return days
 
 
