@@ -389,7 +389,7 @@ def _http_findings(
             "serve mta-sts.txt with 'Content-Type: text/plain'",
         )
     lengths = probe.header("content-length")
-    if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > MAX_BODY:
+    if len(lengths) == 1 and _is_number(lengths[0]) and int(lengths[0]) > MAX_BODY:
         add(
             "policy-size",
             PROBLEM,
@@ -399,6 +399,11 @@ def _http_findings(
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only (``str.isdigit`` also takes e.g. ``"²"``)."""
+    return text.isascii() and text.isdigit()
 
 
 def _media_type(values: Sequence[str]) -> str | None:
@@ -430,7 +435,7 @@ def _mode_findings(policy: Policy, add: Callable[[str, Status, str, str], None])
             "when the domain is ready, publish 'mode: testing' and change the TXT id",
         )
     raw = [line.split(":", 1)[1].strip(" \t") for line in policy.lines if _is_max_age(line)]
-    if raw and raw[0].isdigit() and int(raw[0]) > MAX_AGE_LIMIT:
+    if raw and _is_number(raw[0]) and int(raw[0]) > MAX_AGE_LIMIT:
         add(
             "policy-max-age",
             WARNING,
@@ -508,7 +513,7 @@ def _tls_findings(
     listed = ", ".join(names) if names else "none"
     try:
         verify_certificate_hostname(leaf, host)
-    except (VerificationError, CertificateError):
+    except (VerificationError, CertificateError, ValueError):  # ValueError: host not a DNS-ID
         add(
             f"{prefix}-certificate-name",
             PROBLEM,

@@ -19,6 +19,7 @@ Results are plain dataclasses describing what was seen; judging them is not done
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from collections.abc import Sequence
@@ -58,6 +59,8 @@ OLD_TLS_VERSIONS = frozenset({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1"})
 _NO_CHECK_TIME = 0x200000
 """X509_V_FLAG_NO_CHECK_TIME: verify the chain, not the dates (pyOpenSSL has no name for it)."""
 
+_STATUS_LINE = re.compile(r"HTTP/[^ ]* ([0-9]{3})(?: .*)?", re.DOTALL)
+"""A status line; its code is three ASCII digits (RFC 9110 §15)."""
 _MAX_LINE = 4096
 _MAX_REPLY_LINES = 100
 _SHOW = 200
@@ -413,11 +416,11 @@ class _HTTPSSession(_Session):
         text = line.removesuffix(b"\r").decode("latin-1")
         probe = self._probe
         if not probe.status:
-            parts = text.split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            status = _STATUS_LINE.fullmatch(text)
+            if status is None:
                 self.fail(f"not an HTTP response: {_shown(line)!r}")
                 return
-            probe.status = int(parts[1])
+            probe.status = int(status[1])
         elif text:
             name, _, value = text.partition(":")
             probe.headers.append((name.strip().lower(), value.strip(" \t")))

@@ -871,3 +871,56 @@ async def test_unanswered_connection_is_given_up_at_the_deadline() -> None:
     probe = await probing
     assert not probe.connected
     assert probe.error == "no connection within 3 s on port 443"
+
+
+# --- Hostile server bytes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "problem"),
+    [("\u00b2", False), ("\u0667\u0660\u0660\u0660\u0660", False), ("70000", True)],
+)
+def test_content_length_must_be_ascii_digits(length: str, problem: bool) -> None:
+    """A Content-Length of non-ASCII digits is ignored, not a crash; an ASCII one is judged."""
+    probe = replace(
+        observed(b"").policy_probe,
+        headers=[("content-type", "text/plain"), ("content-length", length)],
+    )
+    result = assess(observed(policy_body(), policy_probe=probe), NOW)
+    assert statuses(result, "policy-size").count("problem") == int(problem)
+
+
+def test_mx_host_that_is_no_dns_id() -> None:
+    """An MX host service_identity refuses as a DNS-ID (an IP address) gets a certificate-name
+    problem, not a crash."""
+    host = "192.0.2.1"
+    probe = SMTPProbe("127.0.0.2", connected=True, starttls_offered=True, tls=tls_facts(MX1))
+    mx = MXObservation(10, host, ("127.0.0.2",), (probe,))
+    result = assess(observed(policy_body(), mx_records=((10, host),), mx=(mx,)), NOW)
+    (finding,) = findings(result, "mx-certificate-name", host)
+    assert finding.status == "problem"
+    assert f"not valid for {host}" in finding.message
+
+
+class _TLSStringTransport(StringTransport):
+    """A StringTransport that accepts (and ignores) startTLS."""
+
+    def startTLS(self, contextFactory: Any) -> None:
+        """Pretend TLS started."""
+
+
+@pytest.mark.parametrize("status", [b"\xb2\xb2\xb2", b"2000", b"20"])
+@pytest_twisted.ensureDeferred
+async def test_https_status_must_be_three_ascii_digits(status: bytes) -> None:
+    """A status line whose code is not three ASCII digits ends the probe with a reason."""
+    clock = MemoryReactorClock()  # type: ignore[no-untyped-call]
+    prober = Prober(clock, timeout=3.0)
+    probing = Deferred.fromCoroutine(prober.https("127.0.0.1", 443, POLICY_HOST, "/"))
+    protocol: Any = clock.tcpClients[0][2].buildProtocol(None)
+    transport = _TLSStringTransport()  # type: ignore[no-untyped-call]
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"HTTP/1.1 " + status + b" OK\r\n")
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionAborted()))  # type: ignore[no-untyped-call]
+    probe = await probing
+    assert (probe.status, probe.error.startswith("not an HTTP response: ")) == (0, True)
