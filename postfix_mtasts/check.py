@@ -838,23 +838,34 @@ _MARKS = {OK: "✔", PROBLEM: "✘", WARNING: "⚠", INFO: "•"}
 
 
 def render_text(result: CheckResult) -> str:
-    """A checklist grouped by subject: ✔ passed, ✘ problem (with its fix), ⚠ warning."""
+    """A checklist grouped by subject: ✔ passed, ✘ problem (with its fix), ⚠ warning.
+
+    Findings quote what servers sent (headers, certificate names): control and format
+    characters in them are escaped, so that none reaches the terminal.
+    """
     lines = [f"MTA-STS and TLS-RPT check of {result.domain} ({_iso(result.checked_at)})"]
     subject = None
     for f in result.findings:
         if f.subject != subject:
             subject = f.subject
-            lines += ["", subject]
-        lines.append(f"  {_MARKS[f.status]} {f.message}")
+            lines += ["", _printable(subject)]
+        lines.append(f"  {_MARKS[f.status]} {_printable(f.message)}")
         if f.fix and f.status in (PROBLEM, WARNING):
-            lines.append(f"      fix: {f.fix}")
+            lines.append(f"      fix: {_printable(f.fix)}")
     problems, warnings = result.count(PROBLEM), result.count(WARNING)
     lines += [
         "",
         f"{problems} problem(s), {warnings} warning(s), {result.count(OK)} passed",
-        f"Verdict: {result.verdict.message}",
+        f"Verdict: {_printable(result.verdict.message)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _printable(text: str) -> str:
+    """``text`` with each character that is not printable written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def render_json(result: CheckResult) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ConnectionAborted
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -924,3 +926,37 @@ async def test_https_status_must_be_three_ascii_digits(status: bytes) -> None:
     protocol.connectionLost(Failure(ConnectionAborted()))  # type: ignore[no-untyped-call]
     probe = await probing
     assert (probe.status, probe.error.startswith("not an HTTP response: ")) == (0, True)
+
+
+def test_text_output_escapes_server_text() -> None:
+    """Control characters a server puts in a header or certificate names never reach the
+    terminal: the text output shows them escaped."""
+    evil = "Evil\x1b]0;owned\x07\x1b[2J CA\u202e"
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, POLICY_HOST)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, evil)]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=90))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("x\x1b[31m.example.test")]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    probe = HTTPSProbe(
+        "127.0.0.1",
+        connected=True,
+        tls=TLSFacts("TLSv1.3", "x", (cert,), "self-signed certificate (depth 0)", ()),
+        status=301,
+        headers=[("location", "\x1b]0;pwned\x07https://x/\r\n")],
+    )
+    obs = observed(FetchError(STS_FETCH_ERROR, "redirect (301)"), policy_probe=probe)
+    text = render_text(assess(obs, NOW))
+    assert all(c.isprintable() for c in text.replace("\n", ""))
+    assert "(issuer Evil\\x1b]0;owned\\x07\\x1b[2J CA\\u202e)" in text
+    assert "(its DNS names: x\\x1b[31m.example.test)" in text
+    assert "redirects to \\x1b]0;pwned\\x07https://x/\\r\\n: senders" in text
