@@ -14,7 +14,6 @@ runs (exit codes: :func:`exit_code`, and 2 for usage errors).
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from postfix_mtasts.mtasts.fetch import (
     STS_WEBPKI_INVALID,
     FetchError,
     PolicyFetcher,
+    parse_media_type,
 )
 from postfix_mtasts.mtasts.policy import (
     MAX_AGE_LIMIT,
@@ -310,9 +310,8 @@ def _policy(obs: Observations, now: datetime, out: list[Finding]) -> Policy | No
         _tls_findings("policy", host, probe.tls, now, add)
         _http_findings(probe, url, add)
     body = fetched if isinstance(fetched, bytes) else None
-    if body is not None:
-        status: Status = PROBLEM if len(body) > MAX_BODY else OK
-        add("policy-size", status, f"{len(body)} bytes (senders accept up to {MAX_BODY})")
+    if body is not None:  # the fetcher fails a body over MAX_BODY
+        add("policy-size", OK, f"{len(body)} bytes (senders accept up to {MAX_BODY})")
     if isinstance(fetched, FetchError):
         explained = any(f.status == PROBLEM for f in out[start:])
         sender_view = f"senders fetching the policy now fail with {fetched}"
@@ -377,8 +376,9 @@ def _http_findings(
         return
     add("policy-http", OK, "HTTP 200, no redirect", "")
     values = probe.header("content-type")
-    media_type = _media_type(values)
-    if media_type == "text/plain":
+    # The fetcher's rule, on the bytes received (the probe decodes header values as latin-1).
+    media_type = parse_media_type([v.encode("latin-1", "replace") for v in values])
+    if media_type == b"text/plain":
         add("policy-content-type", OK, f"content type {values[0]}", "")
     else:
         seen = "no content type" if not values else f"content type {', '.join(values)!r}"
@@ -398,22 +398,9 @@ def _http_findings(
         )
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 def _is_number(text: str) -> bool:
     """Whether ``text`` is ASCII digits only (``str.isdigit`` also takes e.g. ``"²"``)."""
     return text.isascii() and text.isdigit()
-
-
-def _media_type(values: Sequence[str]) -> str | None:
-    """The lower-cased ``type/subtype`` of one Content-Type value (the fetcher's rule)."""
-    if len(set(values)) != 1:
-        return None
-    type_, slash, subtype = values[0].split(";", 1)[0].strip(" \t").partition("/")
-    if not slash or not _TOKEN.fullmatch(type_) or not _TOKEN.fullmatch(subtype):
-        return None
-    return f"{type_}/{subtype}".lower()
 
 
 def _mode_findings(policy: Policy, add: Callable[[str, Status, str, str], None]) -> None:

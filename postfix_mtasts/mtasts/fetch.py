@@ -406,6 +406,9 @@ def _media_type(values: list[bytes] | None) -> bytes | None:
     return (type_ + b"/" + subtype).lower()
 
 
+parse_media_type = _media_type  # public: postfix_mtasts.check judges Content-Type the same way
+
+
 def _shown(value: bytes, limit: int = 60) -> str:
     """``value`` made safe for a log line or a report: ASCII, escaped, shortened."""
     return value[:limit].decode("ascii", "backslashreplace").encode("unicode_escape").decode()
