@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO, TypeVar
@@ -24,7 +24,7 @@ import idna
 from cryptography import x509
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import verify_certificate_hostname
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
 from postfix_mtasts.config import Config, ConfigError
 from postfix_mtasts.mtasts.dns import DNSClient, DNSFailure, parse_nameservers
@@ -63,6 +63,8 @@ from postfix_mtasts.tlsrpt.record import (
 
 __all__ = [
     "EXPIRY_WARNING_DAYS",
+    "MAX_ADDRESSES",
+    "PARALLEL_PROBES",
     "CheckResult",
     "Failed",
     "Finding",
@@ -86,12 +88,19 @@ INFO: Status = "info"
 
 EXPIRY_WARNING_DAYS = 14
 """A certificate expiring in fewer days than this is a warning."""
+MAX_ADDRESSES = 16
+"""The most addresses of one host that are probed; a finding says when there were more."""
+PARALLEL_PROBES = 8
+"""The most connections to the addresses of one host at once."""
 _DAY = 86400
 WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"
 """Where the policy is served on ``mta-sts.<domain>`` (RFC 8461 §3.2)."""
 _WEEK = 7 * _DAY
 
 _T = TypeVar("_T")
+_P = TypeVar("_P", SMTPProbe, HTTPSProbe)
+_Add = Callable[[str, Status, str, str], None]
+"""Records a finding: check, status, message, fix."""
 
 
 # --- Results --------------------------------------------------------------------------------
@@ -157,13 +166,13 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class MXObservation:
-    """One MX host: its addresses and the SMTP sessions tried, in order."""
+    """One MX host: its addresses and an SMTP session with each."""
 
     preference: int
     host: str
     addresses: tuple[str, ...] | Failed
     probes: tuple[SMTPProbe, ...]
-    """Addresses are tried in order until one accepts a connection (the last probe)."""
+    """One per address, in order; only the first :data:`MAX_ADDRESSES` addresses are probed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +183,11 @@ class Observations:
     sts_records: tuple[bytes, ...] | Failed
     policy: bytes | FetchError
     """The body as the policy map's fetcher got it, or why it got none."""
-    policy_probe: HTTPSProbe
-    """The policy host as :class:`~postfix_mtasts.probe.Prober` saw it."""
+    policy_addresses: tuple[str, ...] | Failed
+    """The policy host's addresses, or why the lookup got none."""
+    policy_probes: tuple[HTTPSProbe, ...]
+    """The policy host at each address as :class:`~postfix_mtasts.probe.Prober` saw it, in
+    order; only the first :data:`MAX_ADDRESSES` addresses are probed."""
     mx_records: tuple[tuple[int, str], ...] | Failed
     mx: tuple[MXObservation, ...]
     tlsrpt_records: tuple[bytes, ...] | Failed
@@ -288,27 +300,26 @@ def _policy(obs: Observations, now: datetime, out: list[Finding]) -> Policy | No
     def add(check: str, status: Status, message: str, fix: str = "") -> None:
         out.append(Finding(check, url, status, message, fix))
 
-    probe = obs.policy_probe
+    addresses = obs.policy_addresses
     fetched = obs.policy
-    if not probe.connected:
-        if probe.address:
-            fix = f"serve HTTPS on port 443 of {host}, reachable from the Internet"
-        elif probe.error.startswith("no A or AAAA"):
-            fix = f"publish A/AAAA records for {host} and serve HTTPS on port 443 there"
-        else:
-            fix = f"make the nameservers of {host} answer A/AAAA queries"
-        add("policy-reachable", PROBLEM, f"cannot reach {host}: {probe.error}", fix)
-    elif probe.tls is None:
+    if isinstance(addresses, Failed):
         add(
-            "policy-tls",
+            "policy-reachable",
             PROBLEM,
-            f"TLS handshake with {host} ({probe.address}) failed: {probe.tls_error}",
-            f"serve HTTPS with TLS 1.2 or later and a certificate for {host}",
+            f"cannot reach {host}: address lookup failed: {addresses.reason}",
+            f"make the nameservers of {host} answer A/AAAA queries",
+        )
+    elif not addresses:
+        add(
+            "policy-reachable",
+            PROBLEM,
+            f"cannot reach {host}: no A or AAAA record",
+            f"publish A/AAAA records for {host} and serve HTTPS on port 443 there",
         )
     else:
-        add("policy-reachable", OK, f"reachable at {probe.address}")
-        _tls_findings("policy", host, probe.tls, now, add)
-        _http_findings(probe, url, add)
+        fix = f"serve HTTPS on port 443 of {host}, reachable from the Internet"
+        reached = _connected("policy-reachable", addresses, obs.policy_probes, fix, add)
+        _each_address(reached, lambda p, note: _https_findings(p, host, url, now, note), add)
     body = fetched if isinstance(fetched, bytes) else None
     if body is not None:  # the fetcher fails a body over MAX_BODY
         add("policy-size", OK, f"{len(body)} bytes (senders accept up to {MAX_BODY})")
@@ -339,6 +350,20 @@ def _policy(obs: Observations, now: datetime, out: list[Finding]) -> Policy | No
     )
     _mode_findings(policy, add)
     return policy
+
+
+def _https_findings(probe: HTTPSProbe, host: str, url: str, now: datetime, add: _Add) -> None:
+    """TLS and the response head at one address of the policy host."""
+    if probe.tls is None:
+        add(
+            "policy-tls",
+            PROBLEM,
+            f"TLS handshake with {host} failed: {probe.tls_error}",
+            f"serve HTTPS with TLS 1.2 or later and a certificate for {host}",
+        )
+        return
+    _tls_findings("policy", host, probe.tls, now, add)
+    _http_findings(probe, url, add)
 
 
 def _fetch_fix(error: FetchError, url: str) -> str:
@@ -661,31 +686,63 @@ def _mx_host(
     if not mx.addresses:
         add("mx-address", PROBLEM, "no A or AAAA record", f"publish the address of {host}")
         return
-    reached = mx.probes[-1] if mx.probes and mx.probes[-1].connected else None
-    unreachable = [p for p in mx.probes if not p.connected]
-    if reached is None:
+    fix = f"accept SMTP connections on port {port} from the Internet"
+    reached = _connected("mx-connect", mx.addresses, mx.probes, fix, add)
+    _each_address(reached, lambda p, note: _smtp_findings(p, host, now, note), add)
+
+
+def _connected(
+    check: str, addresses: Sequence[str], probes: Sequence[_P], fix: str, add: _Add
+) -> list[_P]:
+    """Which addresses accepted a connection (returned) and which did not: a problem if none
+    did, else a warning for each."""
+    reached = [p for p in probes if p.connected]
+    unreachable = [p for p in probes if not p.connected]
+    if not reached:
         tried = "; ".join(f"{p.address}: {p.error}" for p in unreachable)
+        add(check, PROBLEM, f"no address accepted a connection ({tried})", fix)
+    else:
+        add(check, OK, f"reachable at {', '.join(p.address for p in reached)}", "")
+        for p in unreachable:
+            add(check, WARNING, f"{p.address} unreachable ({p.error})", fix)
+    if len(addresses) > len(probes):
         add(
-            "mx-connect",
-            PROBLEM,
-            f"no address accepted a connection ({tried})",
-            f"accept SMTP connections on port {port} from the Internet",
+            check,
+            INFO,
+            f"{len(addresses)} addresses: only the first {len(probes)} were checked",
+            "",
         )
-        return
-    for p in unreachable:
-        add("mx-connect", WARNING, f"{p.address} unreachable ({p.error}); {reached.address} was")
-    _smtp_findings(reached, host, now, add)
+    return reached
 
 
-def _smtp_findings(
-    probe: SMTPProbe, host: str, now: datetime, add: Callable[[str, Status, str, str], None]
-) -> None:
-    at = probe.address
+def _each_address(probes: Sequence[_P], judge: Callable[[_P, _Add], None], add: _Add) -> None:
+    """Judge the server at each address. A finding made at every address is told once; one
+    made at only some of them starts with those addresses."""
+    made: dict[tuple[str, Status, str, str], list[str]] = {}
+
+    def noting(address: str) -> _Add:
+        def note(check: str, status: Status, message: str, fix: str) -> None:
+            where = made.setdefault((check, status, message, fix), [])
+            if address not in where:
+                where.append(address)
+
+        return note
+
+    for probe in probes:
+        judge(probe, noting(probe.address))
+    order = {check: i for i, check in enumerate(dict.fromkeys(key[0] for key in made))}
+    for (check, status, message, fix), where in sorted(made.items(), key=lambda m: order[m[0][0]]):
+        at_some = f"at {', '.join(where)}: " if len(where) < len(probes) else ""
+        add(check, status, at_some + message, fix)
+
+
+def _smtp_findings(probe: SMTPProbe, host: str, now: datetime, add: _Add) -> None:
+    """The SMTP session at one address of an MX host."""
     if probe.error:
         add(
             "mx-smtp",
             PROBLEM,
-            f"SMTP session with {at} failed: {probe.error}",
+            f"SMTP session failed: {probe.error}",
             "the MX must greet with 220 and answer EHLO with 250",
         )
         return
@@ -693,7 +750,7 @@ def _smtp_findings(
         add(
             "mx-starttls",
             PROBLEM,
-            f"{at} does not offer STARTTLS",
+            "does not offer STARTTLS",
             "enable STARTTLS (Postfix: smtpd_tls_security_level = may, smtpd_tls_chain_files)",
         )
         return
@@ -701,16 +758,16 @@ def _smtp_findings(
         add(
             "mx-starttls",
             PROBLEM,
-            f"{at} offers STARTTLS but refuses it: {probe.starttls_refused}",
+            f"offers STARTTLS but refuses it: {probe.starttls_refused}",
             "check the server's TLS certificate and key configuration",
         )
         return
-    add("mx-starttls", OK, f"STARTTLS offered and accepted at {at}", "")
+    add("mx-starttls", OK, "STARTTLS offered and accepted", "")
     if probe.tls is None:
         add(
             "mx-tls",
             PROBLEM,
-            f"TLS handshake with {at} failed: {probe.tls_error}",
+            f"TLS handshake failed: {probe.tls_error}",
             "enable TLS 1.2 or later with a certificate for the MX host name",
         )
         return
@@ -900,20 +957,18 @@ async def _fetch(fetcher: PolicyFetcher, domain: str) -> bytes | FetchError:
         return e
 
 
-_P = TypeVar("_P", SMTPProbe, HTTPSProbe)
-
-
-async def _first_reachable(
-    addresses: Sequence[str], probe: Callable[[str], Awaitable[_P]]
+async def _probe_each(
+    addresses: Sequence[str], probe: Callable[[str], Coroutine[Any, Any, _P]]
 ) -> list[_P]:
-    """Probe ``addresses`` in order until one accepts a connection; every probe made."""
-    probes: list[_P] = []
-    for address in addresses:
-        result = await probe(address)
-        probes.append(result)
-        if result.connected:
-            break
-    return probes
+    """Probe the first :data:`MAX_ADDRESSES` of ``addresses``, :data:`PARALLEL_PROBES` at a
+    time; the probes in address order."""
+    slots = DeferredSemaphore(PARALLEL_PROBES)
+
+    def start(address: str) -> Deferred[_P]:
+        return Deferred.fromCoroutine(probe(address))
+
+    steps = [slots.run(start, address) for address in addresses[:MAX_ADDRESSES]]
+    return await gatherResults(steps, consumeErrors=True)
 
 
 async def check_domain(
@@ -954,29 +1009,23 @@ async def check_domain(
 
     fetcher = PolicyFetcher(reactor, resolve, ca_file=ca_file, timeout=timeout, port=https_port)
 
-    async def probe_policy_host(found: list[str] | Failed) -> HTTPSProbe:
-        if isinstance(found, Failed):
-            return HTTPSProbe("", error=f"address lookup failed: {found.reason}")
-        if not found:
-            return HTTPSProbe("", error=f"no A or AAAA record for {policy_host}")
-        probes = await _first_reachable(
-            found, lambda a: prober.https(a, https_port, policy_host, WELL_KNOWN_PATH)
-        )
-        return probes[-1]
-
-    async def observe_policy() -> tuple[bytes | FetchError, HTTPSProbe]:
+    async def observe_policy() -> tuple[bytes | FetchError, list[str] | Failed, list[HTTPSProbe]]:
         found = await _outcome(dns.addresses(policy_host))
         if not isinstance(found, Failed):
             known[policy_host] = found
         fetching = Deferred.fromCoroutine(_fetch(fetcher, domain))
-        probe = await probe_policy_host(found)
-        return await fetching, probe
+        probes = []
+        if not isinstance(found, Failed):
+            probes = await _probe_each(
+                found, lambda a: prober.https(a, https_port, policy_host, WELL_KNOWN_PATH)
+            )
+        return await fetching, found, probes
 
     async def observe_mx(preference: int, host: str) -> MXObservation:
         addresses = await _outcome(dns.addresses(host))
         if isinstance(addresses, Failed):
             return MXObservation(preference, host, addresses, ())
-        probes = await _first_reachable(addresses, lambda a: prober.smtp(a, smtp_port, host))
+        probes = await _probe_each(addresses, lambda a: prober.smtp(a, smtp_port, host))
         return MXObservation(preference, host, tuple(addresses), tuple(probes))
 
     async def observe_mxs() -> tuple[tuple[tuple[int, str], ...] | Failed, list[MXObservation]]:
@@ -997,12 +1046,15 @@ async def check_domain(
     steps: list[Deferred[Any]] = [sts, tlsrpt, policy, mxs]
     await gatherResults(steps, consumeErrors=True)
     sts_records, tlsrpt_records = await sts, await tlsrpt
-    (fetched, probe), (mx_records, mx) = await policy, await mxs
+    (fetched, policy_addresses, policy_probes), (mx_records, mx) = await policy, await mxs
     observations = Observations(
         domain=domain,
         sts_records=sts_records if isinstance(sts_records, Failed) else tuple(sts_records),
         policy=fetched,
-        policy_probe=probe,
+        policy_addresses=(
+            policy_addresses if isinstance(policy_addresses, Failed) else tuple(policy_addresses)
+        ),
+        policy_probes=tuple(policy_probes),
         mx_records=mx_records,
         mx=tuple(mx),
         tlsrpt_records=(

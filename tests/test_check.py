@@ -34,6 +34,7 @@ from postfix_mtasts.check import (
     Finding,
     MXObservation,
     Observations,
+    _probe_each,
     assess,
     check_domain,
     exit_code,
@@ -506,11 +507,36 @@ async def test_mx_second_address_used(site: Site) -> None:
     """An MX with a dead first address is probed at the next one; the dead one is a warning."""
     site.dns.set(MX1, [("A", "127.0.0.9"), ("A", ADDRESSES[MX1])])
     result = await site.check()
-    (warning,) = findings(result, "mx-connect", MX1)
+    ok, warning = findings(result, "mx-connect", MX1)
+    assert (ok.status, ok.message) == ("ok", f"reachable at {ADDRESSES[MX1]}")
     assert warning.status == "warning"
     assert "127.0.0.9 unreachable" in warning.message
     assert statuses(result, "mx-starttls", MX1) == ["ok"]
     assert problems(result) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_mx_address_is_judged(site: Site, smtp_receiver_factory: Any) -> None:
+    """An MX whose second address serves a certificate for another name has that problem,
+    said of that address; what holds at both addresses is said once."""
+    bad = "127.0.0.4"
+    await smtp_receiver_factory(
+        bad, site.smtp_port, hostname=MX1, tls=receiver_tls(CA, MX1, "wrong-name")
+    )
+    site.dns.set(MX1, [("A", ADDRESSES[MX1]), ("A", bad)])
+    result = await site.check()
+    assert problems(result) == [("mx-certificate-name", MX1)]
+    (finding,) = [f for f in findings(result, "mx-certificate-name", MX1) if f.status != "ok"]
+    assert finding.message.startswith(f"at {bad}: certificate not valid for {MX1}")
+    ok = [f.message for f in findings(result, "mx-certificate-name", MX1) if f.status == "ok"]
+    assert ok == [f"at {ADDRESSES[MX1]}: certificate valid for {MX1}"]
+    assert [f.message for f in findings(result, "mx-starttls", MX1)] == [
+        "STARTTLS offered and accepted"
+    ]
+    assert [f.message for f in findings(result, "mx-connect", MX1)] == [
+        f"reachable at {ADDRESSES[MX1]}, {bad}"
+    ]
+    assert result.verdict.code == "testing-with-problems"
 
 
 @pytest_twisted.ensureDeferred
@@ -716,7 +742,8 @@ def observed(body: bytes | FetchError, **changes: Any) -> Observations:
         domain=DOMAIN,
         sts_records=(b"v=STSv1; id=1",),
         policy=body,
-        policy_probe=probe,
+        policy_addresses=("127.0.0.1",),
+        policy_probes=(probe,),
         mx_records=((0, ""),),
         mx=(),
         tlsrpt_records=(b"v=TLSRPTv1; rua=mailto:tlsrpt@example.test",),
@@ -768,8 +795,8 @@ def test_policy_host_tls_facts(
     changes: dict[str, Any], check: str, status: str, shown: str
 ) -> None:
     """An old protocol, an untrusted chain or no certificate on the policy host is a problem."""
-    probe = replace(observed(b"").policy_probe, tls=tls_facts(POLICY_HOST, **changes))
-    result = assess(observed(policy_body(), policy_probe=probe), NOW)
+    probe = replace(observed(b"").policy_probes[0], tls=tls_facts(POLICY_HOST, **changes))
+    result = assess(observed(policy_body(), policy_probes=(probe,)), NOW)
     (finding,) = findings(result, check)
     assert (finding.status, shown in finding.message) == (status, True)
 
@@ -795,7 +822,8 @@ def test_mx_lookup_results_render_per_host() -> None:
     block = text.split(f"\n{MX1}\n", 1)[1].split("\n\n", 1)[0]
     assert block.splitlines() == [
         f"  ✔ matched by policy pattern {MX1}",
-        "  ✘ 127.0.0.2 does not offer STARTTLS",
+        "  ✔ reachable at 127.0.0.2",
+        "  ✘ does not offer STARTTLS",
         "      fix: enable STARTTLS (Postfix: smtpd_tls_security_level = may, "
         "smtpd_tls_chain_files)",
     ]
@@ -885,10 +913,10 @@ async def test_unanswered_connection_is_given_up_at_the_deadline() -> None:
 def test_content_length_must_be_ascii_digits(length: str, problem: bool) -> None:
     """A Content-Length of non-ASCII digits is ignored, not a crash; an ASCII one is judged."""
     probe = replace(
-        observed(b"").policy_probe,
+        observed(b"").policy_probes[0],
         headers=[("content-type", "text/plain"), ("content-length", length)],
     )
-    result = assess(observed(policy_body(), policy_probe=probe), NOW)
+    result = assess(observed(policy_body(), policy_probes=(probe,)), NOW)
     assert statuses(result, "policy-size").count("problem") == int(problem)
 
 
@@ -954,9 +982,38 @@ def test_text_output_escapes_server_text() -> None:
         status=301,
         headers=[("location", "\x1b]0;pwned\x07https://x/\r\n")],
     )
-    obs = observed(FetchError(STS_FETCH_ERROR, "redirect (301)"), policy_probe=probe)
+    obs = observed(FetchError(STS_FETCH_ERROR, "redirect (301)"), policy_probes=(probe,))
     text = render_text(assess(obs, NOW))
     assert all(c.isprintable() for c in text.replace("\n", ""))
     assert "(issuer Evil\\x1b]0;owned\\x07\\x1b[2J CA\\u202e)" in text
     assert "(its DNS names: x\\x1b[31m.example.test)" in text
     assert "redirects to \\x1b]0;pwned\\x07https://x/\\r\\n: senders" in text
+
+
+def test_addresses_beyond_the_cap_are_named() -> None:
+    """A host with more addresses than are probed gets an info finding saying how many were
+    checked."""
+    addresses = tuple(f"192.0.2.{i}" for i in range(1, 21))
+    probes = tuple(SMTPProbe(a, error="connection refused on port 25") for a in addresses[:16])
+    mx = MXObservation(10, MX1, addresses, probes)
+    result = assess(observed(policy_body(), mx_records=((10, MX1),), mx=(mx,)), NOW)
+    assert [(f.status, f.message) for f in findings(result, "mx-connect", MX1)][1:] == [
+        ("info", "20 addresses: only the first 16 were checked")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_addresses_are_probed_eight_at_a_time() -> None:
+    """A host's addresses are probed at once, eight connections at a time, up to sixteen."""
+    clock = MemoryReactorClock()  # type: ignore[no-untyped-call]
+    prober = Prober(clock, timeout=3.0, helo="client.test")
+    addresses = [f"192.0.2.{i}" for i in range(1, 41)]
+    probing = Deferred.fromCoroutine(_probe_each(addresses, lambda a: prober.smtp(a, 25, MX1)))
+    assert [c[0] for c in clock.tcpClients] == addresses[:8]
+    clock.advance(3.0)
+    assert [c[0] for c in clock.tcpClients] == addresses[:16]
+    clock.advance(3.0)
+    probes = await probing
+    assert [p.address for p in probes] == addresses[:16]
+    assert {p.error for p in probes} == {"no connection within 3 s on port 25"}
+    assert len(clock.tcpClients) == 16
