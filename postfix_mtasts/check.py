@@ -24,7 +24,7 @@ import idna
 from cryptography import x509
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import verify_certificate_hostname
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 
 from postfix_mtasts.config import Config, ConfigError
 from postfix_mtasts.mtasts.dns import DNSClient, DNSFailure, parse_nameservers
@@ -958,14 +958,27 @@ async def _fetch(fetcher: PolicyFetcher, domain: str) -> bytes | FetchError:
 
 
 async def _probe_each(
-    addresses: Sequence[str], probe: Callable[[str], Coroutine[Any, Any, _P]]
+    clock: Any,
+    addresses: Sequence[str],
+    timeout: float,
+    probe: Callable[[str, float], Coroutine[Any, Any, _P]],
+    unprobed: type[_P],
 ) -> list[_P]:
     """Probe the first :data:`MAX_ADDRESSES` of ``addresses``, :data:`PARALLEL_PROBES` at a
-    time; the probes in address order."""
+    time, all within ``timeout`` seconds from now on ``clock``; the probes in address order.
+
+    ``probe(address, seconds)`` makes one probe within ``seconds``; an address whose turn
+    comes after the deadline gets ``unprobed(address, error=...)``.
+    """
+    deadline = clock.seconds() + timeout
     slots = DeferredSemaphore(PARALLEL_PROBES)
 
     def start(address: str) -> Deferred[_P]:
-        return Deferred.fromCoroutine(probe(address))
+        left = deadline - clock.seconds()
+        if left <= 0:
+            error = f"not probed: the host's {timeout:g} s ran out first"
+            return succeed(unprobed(address, error=error))
+        return Deferred.fromCoroutine(probe(address, left))
 
     steps = [slots.run(start, address) for address in addresses[:MAX_ADDRESSES]]
     return await gatherResults(steps, consumeErrors=True)
@@ -988,7 +1001,8 @@ async def check_domain(
 
     ``nameservers``: ``(ip, port)`` pairs to ask (see
     :func:`~postfix_mtasts.mtasts.dns.parse_nameservers`); each DNS lookup has the deadline
-    ``dns_timeout``, the policy fetch and each connection ``timeout`` (seconds). ``ca_file``:
+    ``dns_timeout``, the policy fetch ``timeout`` (seconds), and so have the probes of each
+    host, all its addresses together (:data:`PARALLEL_PROBES` at a time). ``ca_file``:
     trusted roots for the policy host and the MX hosts (empty: the system store).
     ``smtp_port`` and ``https_port`` are where MX and policy hosts are reached (tests use
     ephemeral ports). ``now`` (default: the current time) dates the check and judges
@@ -1017,7 +1031,11 @@ async def check_domain(
         probes = []
         if not isinstance(found, Failed):
             probes = await _probe_each(
-                found, lambda a: prober.https(a, https_port, policy_host, WELL_KNOWN_PATH)
+                reactor,
+                found,
+                timeout,
+                lambda a, t: prober.https(a, https_port, policy_host, WELL_KNOWN_PATH, timeout=t),
+                HTTPSProbe,
             )
         return await fetching, found, probes
 
@@ -1025,7 +1043,13 @@ async def check_domain(
         addresses = await _outcome(dns.addresses(host))
         if isinstance(addresses, Failed):
             return MXObservation(preference, host, addresses, ())
-        probes = await _probe_each(addresses, lambda a: prober.smtp(a, smtp_port, host))
+        probes = await _probe_each(
+            reactor,
+            addresses,
+            timeout,
+            lambda a, t: prober.smtp(a, smtp_port, host, timeout=t),
+            SMTPProbe,
+        )
         return MXObservation(preference, host, tuple(addresses), tuple(probes))
 
     async def observe_mxs() -> tuple[tuple[tuple[int, str], ...] | Failed, list[MXObservation]]:

@@ -66,6 +66,11 @@ _MAX_REPLY_LINES = 100
 _SHOW = 200
 
 
+def _seconds(value: float) -> str:
+    """A duration for messages: to a tenth of a second, without trailing zeros."""
+    return f"{round(value, 1):g}"
+
+
 def _shown(text: bytes) -> str:
     """Received bytes as a printable, bounded string for messages."""
     return text[:_SHOW].decode("ascii", "backslashreplace").encode("unicode_escape").decode()
@@ -283,7 +288,7 @@ class _Session(LineReceiver):
         """Why a connection lost during the handshake was lost."""
         value = reason.value
         if self.expired_after is not None:
-            return f"no TLS handshake within {self.expired_after:g} s"
+            return f"no TLS handshake within {_seconds(self.expired_after)} s"
         if value is None or isinstance(value, error.ConnectionDone | error.ConnectionLost):
             return "the server closed the connection during the handshake"
         return _ssl_reasons(value)
@@ -377,7 +382,7 @@ class _SMTPSession(_Session):
         elif self._state not in ("quit", "ehlo-tls") and not probe.error and probe.tls is None:
             if self.expired_after is not None:
                 probe.error = (
-                    f"no reply within {self.expired_after:g} s (waiting for {self._state})"
+                    f"no reply within {_seconds(self.expired_after)} s (waiting for {self._state})"
                 )
             else:
                 probe.error = f"connection closed while waiting for the {self._state} reply"
@@ -444,7 +449,7 @@ class _HTTPSSession(_Session):
             probe.tls_error = self.tls_failure(reason)
         elif not self._head_done and not probe.error:
             if self.expired_after is not None:
-                probe.error = f"no response within {self.expired_after:g} s"
+                probe.error = f"no response within {_seconds(self.expired_after)} s"
             else:
                 probe.error = "connection closed before the end of the response head"
         super().connectionLost(reason)
@@ -456,7 +461,8 @@ def _default_helo() -> str:
 
 
 class Prober:
-    """Opens probe sessions on ``reactor``; each has the deadline ``timeout`` (seconds).
+    """Opens probe sessions on ``reactor``; each has the deadline ``timeout`` (seconds),
+    unless the call gives its own.
 
     ``ca_file``: trusted roots (PEM), empty for the system store; read here, so a bad file
     raises ``OSError`` or ``ValueError``. ``helo``: the name sent in ``EHLO`` (default: this
@@ -472,28 +478,36 @@ class Prober:
         self._timeout = timeout
         self._helo = helo or _default_helo()
 
-    async def smtp(self, address: str, port: int, host: str) -> SMTPProbe:
+    async def smtp(
+        self, address: str, port: int, host: str, *, timeout: float | None = None
+    ) -> SMTPProbe:
         """Talk to the MX ``host`` at ``address``:``port`` up to STARTTLS and TLS, then QUIT."""
         probe = SMTPProbe(address)
         session = _SMTPSession(probe, host, self._helo, _Creator(self._context, host), self._trust)
-        probe.connected, connect_error = await self._run(address, port, session)
+        probe.connected, connect_error = await self._run(address, port, session, timeout)
         if connect_error:
             probe.error = connect_error
         return probe
 
-    async def https(self, address: str, port: int, host: str, path: str) -> HTTPSProbe:
+    async def https(
+        self, address: str, port: int, host: str, path: str, *, timeout: float | None = None
+    ) -> HTTPSProbe:
         """``GET https://host{path}`` at ``address``:``port``, reading the response head."""
         probe = HTTPSProbe(address)
         session = _HTTPSSession(probe, host, path, _Creator(self._context, host), self._trust)
-        probe.connected, connect_error = await self._run(address, port, session)
+        probe.connected, connect_error = await self._run(address, port, session, timeout)
         if connect_error:
             probe.error = connect_error
         return probe
 
-    async def _run(self, address: str, port: int, session: _Session) -> tuple[bool, str]:
-        """Connect ``session`` and wait until it is closed; ``(connected, error)``."""
+    async def _run(
+        self, address: str, port: int, session: _Session, timeout: float | None
+    ) -> tuple[bool, str]:
+        """Connect ``session`` and wait until it is closed, at most ``timeout`` seconds (None:
+        the prober's); ``(connected, error)``."""
+        seconds = self._timeout if timeout is None else timeout
         endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint: Any = endpoint_class(self._reactor, address, port, timeout=self._timeout)
+        endpoint: Any = endpoint_class(self._reactor, address, port, timeout=seconds)
         connecting: Deferred[Any] = connectProtocol(endpoint, session)  # type: ignore[no-untyped-call]
         expired = False
 
@@ -503,16 +517,16 @@ class Prober:
             if not connecting.called:
                 connecting.cancel()
             else:
-                session.expire(self._timeout)
+                session.expire(seconds)
 
-        timer = self._reactor.callLater(self._timeout, deadline)
+        timer = self._reactor.callLater(seconds, deadline)
         try:
             try:
                 await connecting
             except error.ConnectionRefusedError:
                 return False, f"connection refused on port {port}"
             except (error.ConnectingCancelledError, error.TimeoutError):
-                return False, f"no connection within {self._timeout:g} s on port {port}"
+                return False, f"no connection within {_seconds(seconds)} s on port {port}"
             except error.ConnectError as e:
                 return False, f"cannot connect to port {port}: {e}"
             await session.finished

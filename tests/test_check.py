@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ConnectionAborted
+from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.mail import smtp
@@ -1003,17 +1004,45 @@ def test_addresses_beyond_the_cap_are_named() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_addresses_are_probed_eight_at_a_time() -> None:
-    """A host's addresses are probed at once, eight connections at a time, up to sixteen."""
+async def test_addresses_share_one_deadline() -> None:
+    """A host's addresses are probed eight at a time within one deadline for them all: forty
+    silent addresses take the deadline once, and those left when it passes are not tried."""
     clock = MemoryReactorClock()  # type: ignore[no-untyped-call]
-    prober = Prober(clock, timeout=3.0, helo="client.test")
+    prober = Prober(clock, timeout=10.0, helo="client.test")
     addresses = [f"192.0.2.{i}" for i in range(1, 41)]
-    probing = Deferred.fromCoroutine(_probe_each(addresses, lambda a: prober.smtp(a, 25, MX1)))
+    probing = Deferred.fromCoroutine(
+        _probe_each(
+            clock, addresses, 10.0, lambda a, t: prober.smtp(a, 25, MX1, timeout=t), SMTPProbe
+        )
+    )
     assert [c[0] for c in clock.tcpClients] == addresses[:8]
-    clock.advance(3.0)
-    assert [c[0] for c in clock.tcpClients] == addresses[:16]
-    clock.advance(3.0)
+    clock.advance(9.9)
+    assert not probing.called
+    clock.advance(0.1)
     probes = await probing
     assert [p.address for p in probes] == addresses[:16]
-    assert {p.error for p in probes} == {"no connection within 3 s on port 25"}
-    assert len(clock.tcpClients) == 16
+    assert {p.error for p in probes[:8]} == {"no connection within 10 s on port 25"}
+    assert {p.error for p in probes[8:]} == {"not probed: the host's 10 s ran out first"}
+    assert len(clock.tcpClients) == 8
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_later_address_gets_what_is_left_of_the_deadline() -> None:
+    """An address probed when a slot frees up gets only the rest of the host's deadline."""
+    clock = MemoryReactorClock()  # type: ignore[no-untyped-call]
+    prober = Prober(clock, timeout=10.0, helo="client.test")
+    addresses = [f"192.0.2.{i}" for i in range(1, 10)]
+    probing = Deferred.fromCoroutine(
+        _probe_each(
+            clock, addresses, 10.0, lambda a, t: prober.smtp(a, 25, MX1, timeout=t), SMTPProbe
+        )
+    )
+    clock.advance(4.0)
+    factory: Any = clock.tcpClients[0][2]
+    refused = Failure(Refused())  # type: ignore[no-untyped-call]
+    factory.clientConnectionFailed(None, refused)  # the first address refuses
+    assert [(c[0], c[3]) for c in clock.tcpClients[8:]] == [(addresses[8], 6.0)]
+    clock.advance(6.0)
+    probes = await probing
+    assert probes[0].error == "connection refused on port 25"
+    assert probes[8].error == "no connection within 6 s on port 25"
