@@ -438,6 +438,23 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
             _broken("policies.0.summary.total-failure-session-count", -1),
             "total-failure-session-count: negative (-1)",
         ),
+        (
+            _broken("policies.0.summary.total-failure-session-count", 2**53 + 1),
+            "total-failure-session-count: over 9007199254740992 (9007199254740993)",
+        ),
+        (
+            _broken("policies.0.summary.total-successful-session-count", int("9" * 4300)),
+            "total-successful-session-count: over 9007199254740992 (999999999999",
+        ),
+        (_broken("organization-name", 10**5000), "report.organization-name: not a string (int)"),
+        (
+            _broken("date-range.start-datetime", "0001-01-01T00:00:00+01:00"),
+            'date-range.start-datetime: out of range in UTC ("0001-01-01T00:00:00+01:00")',
+        ),
+        (
+            _broken("date-range.end-datetime", "9999-12-31T23:59:59-01:00"),
+            "date-range.end-datetime: out of range in UTC",
+        ),
         (_broken("policies.0.failure-details", {}), "policies[0].failure-details: not an array"),
         (
             _broken("policies.0.failure-details.0.result-type", ...),
@@ -470,11 +487,13 @@ def test_parse_report_rejects(report: Any, reason: str) -> None:
         (b'{"organization-name": }', "bad JSON: Expecting value (line 1 column 23)"),
         (b"[" * 100000, "bad JSON: nested too deeply"),
         (gzip.compress(b" " * (2**20 + 1)), "larger than 1 MiB uncompressed"),
+        (b'{"organization-name": ' + b"1" * 5000 + b"}", "bad JSON: an integer of over 4300"),
     ],
-    ids=["not-gzip", "truncated-gzip", "not-utf8", "bad-json", "deep-json", "gzip-bomb"],
+    ids=["not-gzip", "truncated-gzip", "not-utf8", "bad-json", "deep-json", "gzip-bomb", "long"],
 )
 def test_decode_report_errors(data: bytes, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bad gzip, bad UTF-8, bad JSON and over-large bodies are rejected with the reason."""
+    """Bad gzip, bad UTF-8, bad JSON (an integer too long to read among it) and over-large
+    bodies are rejected with the reason."""
     monkeypatch.setattr(show, "MAX_REPORT_BYTES", 2**20)
     with pytest.raises(ReportError, match=re.escape(reason)):
         decode_report(data, "src")
@@ -489,6 +508,18 @@ def test_decode_report_by_content(data: bytes) -> None:
     """Gzip and plain JSON bodies (with or without a byte order mark) decode alike."""
     assert decode_report(data, "src").report_id == GOOGLE["report-id"]
 
+
+HOSTILE_VALUES = st.sampled_from(
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        2**53,
+        2**53 + 1,
+        int("9" * 4300),
+    ]
+)
+"""Values that once got past parse_report or broke it: dates out of range in UTC, counts
+too large to add up and print."""
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -515,26 +546,31 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]
 
 @st.composite
 def mutated_reports(draw: st.DrawFn) -> Any:
-    """One of the sample reports with one member replaced by an arbitrary JSON value."""
+    """One of the sample reports with one member replaced by an arbitrary JSON value, half
+    of the time one of the L{HOSTILE_VALUES}."""
     report = copy.deepcopy(draw(st.sampled_from([OWN_2, GOOGLE, MICROSOFT, MAILRU, SYS4])))
     *parents, last = draw(st.sampled_from(list(_paths(report))))
     node = report
     for key in parents:
         node = node[key]
-    node[last] = draw(JSON_VALUES)
+    node[last] = draw(HOSTILE_VALUES | JSON_VALUES)
     return report
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(JSON_VALUES, mutated_reports()))
 def test_parse_report_only_raises_report_error(obj: Any) -> None:
-    """Whatever JSON value it is given, parse_report returns a report or raises ReportError."""
+    """Whatever JSON value it is given, parse_report returns a report or raises ReportError;
+    a report it returns can be summarised and printed every way."""
     try:
         report = parse_report(obj, "src")
     except ReportError as e:
         assert str(e)
     else:
         assert all(p.successful >= 0 and p.failed >= 0 for p in report.policies)
+        summary = summarise(Collection(reports=[report]))
+        for output in (render_text(summary), render_json(summary), render_html(summary)):
+            assert output.encode("utf-8")
 
 
 @settings(max_examples=200, deadline=None)
@@ -649,6 +685,26 @@ def test_message_without_readable_report(data: bytes, reason: str) -> None:
     assert isinstance(result, Skipped)
     assert result.source == "m.eml"
     assert result.reason.startswith(reason)
+
+
+def _nested(depth: int, kind: str) -> bytes:
+    """A message whose only text part lies C{depth} multiparts or forwarded messages deep."""
+    if kind == "multipart":
+        head = b"From: a@example.net\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+        parts = b"".join(
+            b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+            for i in range(depth)
+        )
+        return head + parts + b"--b%d\r\nContent-Type: text/plain\r\n\r\nx\r\n" % depth
+    forward = b"From: a@example.net\r\nContent-Type: message/rfc822\r\n\r\n"
+    return forward * depth + b"From: a@example.net\r\n\r\nx\r\n"
+
+
+@pytest.mark.parametrize("kind", ["multipart", "rfc822"])
+def test_deeply_nested_message_is_skipped(kind: str) -> None:
+    """A message nested a thousand levels deep is skipped with a reason, not a traceback."""
+    (result,) = reports_in_message(_nested(1000, kind), "m.eml")
+    assert result == Skipped("m.eml", "unreadable mail message: parts nested too deeply")
 
 
 def test_message_with_two_reports() -> None:

@@ -33,6 +33,7 @@ import json
 import mailbox
 import os
 import re
+import sys
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from postfix_mtasts.tlsrpt.showhtml import render_html
 
 __all__ = [
     "FORMAT",
+    "MAX_COUNT",
     "MAX_REPORT_BYTES",
     "Collection",
     "Duplicate",
@@ -67,6 +69,8 @@ FORMAT = "postfix-mtasts-show/1"
 
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 """The largest report accepted, uncompressed (a guard against gzip bombs)."""
+MAX_COUNT = 2**53
+"""The largest session count accepted (the largest integer every JSON reader holds exactly)."""
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _REPORT_MEDIA = frozenset({"application/tlsrpt+gzip", "application/tlsrpt+json"})
@@ -192,6 +196,8 @@ def _count(obj: Mapping[str, Any], key: str, path: str) -> int:
         raise ReportError(f"{path}.{key}: not an integer ({_short(value)})")
     if value < 0:
         raise ReportError(f"{path}.{key}: negative ({value})")
+    if value > MAX_COUNT:
+        raise ReportError(f"{path}.{key}: over {MAX_COUNT} ({_short(value)})")
     return value
 
 
@@ -202,7 +208,10 @@ def _object(value: object, path: str) -> Mapping[str, Any]:
 
 
 def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False) if _is_json(value) else type(value).__name__
+    try:
+        text = json.dumps(value, ensure_ascii=False) if _is_json(value) else type(value).__name__
+    except ValueError:  # an integer of more digits than Python converts to text
+        text = type(value).__name__
     return text if len(text) <= 40 else text[:39] + "…"
 
 
@@ -218,7 +227,10 @@ def _datetime(obj: Mapping[str, Any], key: str, path: str) -> datetime.datetime:
         raise ReportError(f"{path}.{key}: not an RFC 3339 date-time ({_short(text)})") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
-    return when.astimezone(datetime.UTC)
+    try:
+        return when.astimezone(datetime.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        raise ReportError(f"{path}.{key}: out of range in UTC ({_short(text)})") from None
 
 
 def _failure(value: object, path: str) -> Failure:
@@ -264,9 +276,9 @@ def parse_report(obj: object, source: str) -> Report:
     (a missing zone is read as UTC) and C{policies}, an array whose elements have
     C{policy.policy-type}, C{policy.policy-domain} (may be absent for C{no-policy-found}),
     and C{summary} with both counts. C{failure-details} may be absent; each entry needs
-    C{result-type} and C{failed-session-count}. Counts are JSON integers, not negative. Other
-    members are not looked at; blank optional strings count as absent, as some senders send
-    C{""} for an unknown address.
+    C{result-type} and C{failed-session-count}. Counts are JSON integers from 0 to
+    L{MAX_COUNT}. Other members are not looked at; blank optional strings count as absent, as
+    some senders send C{""} for an unknown address.
 
     @raise ReportError: the report cannot be summarised; the message names the member.
     """
@@ -321,6 +333,9 @@ def decode_report(data: bytes, source: str) -> Report:
         raise ReportError(f"bad JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise ReportError("bad JSON: nested too deeply") from None
+    except ValueError:  # not a JSONDecodeError: an integer of more digits than Python reads
+        limit = sys.get_int_max_str_digits()
+        raise ReportError(f"bad JSON: an integer of over {limit} digits") from None
     return parse_report(obj, source)
 
 
@@ -366,6 +381,8 @@ def reports_in_message(data: bytes, source: str) -> list[Report | Skipped]:
         ]
     except (email.errors.MessageError, ValueError, LookupError, TypeError) as e:
         return [Skipped(source, f"unreadable mail message: {e}")]
+    except RecursionError:
+        return [Skipped(source, "unreadable mail message: parts nested too deeply")]
     results: list[Report | Skipped] = []
     for where, body in bodies:
         try:
