@@ -288,6 +288,14 @@ def read_all(*paths: Path) -> Collection:
     return collect([str(p) for p in paths])
 
 
+def collection_of(results: list[Report | Skipped]) -> Collection:
+    """The reports and skipped inputs of C{results}, as L{collect} gathers them."""
+    return Collection(
+        reports=[r for r in results if isinstance(r, Report)],
+        skipped=[r for r in results if isinstance(r, Skipped)],
+    )
+
+
 def reports_of(reports: list[dict[str, Any]]) -> Collection:
     """A collection of C{reports} as if read from files named after their position."""
     return Collection(
@@ -455,6 +463,15 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
             _broken("date-range.end-datetime", "9999-12-31T23:59:59-01:00"),
             "date-range.end-datetime: out of range in UTC",
         ),
+        (_broken("report-id", "r\ud800"), "report.report-id: not Unicode text (a lone surrogate)"),
+        (
+            _broken("policies.0.failure-details.0.receiving-ip", "\udcff"),
+            "failure-details[0].receiving-ip: not Unicode text",
+        ),
+        (
+            _broken("policies.0.summary.total-failure-session-count", "\ud800"),
+            'total-failure-session-count: not an integer ("\\ud800")',
+        ),
         (_broken("policies.0.failure-details", {}), "policies[0].failure-details: not an array"),
         (
             _broken("policies.0.failure-details.0.result-type", ...),
@@ -516,10 +533,12 @@ HOSTILE_VALUES = st.sampled_from(
         2**53,
         2**53 + 1,
         int("9" * 4300),
+        "\ud800",
+        "a\udcffb",
     ]
 )
 """Values that once got past parse_report or broke it: dates out of range in UTC, counts
-too large to add up and print."""
+too large to add up and print, lone surrogates (which no UTF-8 output can hold)."""
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -565,7 +584,7 @@ def test_parse_report_only_raises_report_error(obj: Any) -> None:
     try:
         report = parse_report(obj, "src")
     except ReportError as e:
-        assert str(e)
+        assert str(e).encode("utf-8")
     else:
         assert all(p.successful >= 0 and p.failed >= 0 for p in report.policies)
         summary = summarise(Collection(reports=[report]))
@@ -586,6 +605,7 @@ def test_damaged_messages_are_never_fatal(data: st.DataObject) -> None:
     results = reports_in_message(bytes(message), "m.eml")
     assert results
     assert all(isinstance(r, Report | Skipped) for r in results)
+    assert render_json(summarise(collection_of(results))).encode("utf-8")
 
 
 @settings(max_examples=200, deadline=None)
@@ -801,6 +821,27 @@ def test_malformed_file_is_skipped(tmp_path: Path, name: str, data: bytes, reaso
     assert len(result.skipped) == 1
     assert result.skipped[0].source == str(bad)
     assert reason in result.skipped[0].reason
+
+
+def test_undecodable_names_are_escaped(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 is shown with its bytes escaped, so the JSON and HTML
+    outputs can be written as UTF-8."""
+    directory = os.fsencode(tmp_path)
+    with open(directory + b"/\xff.json", "wb") as f:
+        f.write(report_json(OWN_1))
+    with open(directory + b"/\xfe.mbox", "wb") as f:
+        f.write(b"From a@example.net Mon Jan  1 00:00:00 2024\n" + own_message(OWN_2))
+    with open(directory + b"/\xfd.json", "wb") as f:
+        f.write(b"{")
+    result = read_all(tmp_path)
+    assert [r.source for r in result.reports] == [
+        f"{tmp_path}/\\xfe.mbox, message 1",
+        f"{tmp_path}/\\xff.json",
+    ]
+    assert [s.source for s in result.skipped] == [f"{tmp_path}/\\xfd.json"]
+    summary = summarise(result)
+    for output in (render_json(summary), render_html(summary), render_text(summary)):
+        assert output.encode("utf-8")
 
 
 def test_unreadable_path_is_skipped(tmp_path: Path) -> None:

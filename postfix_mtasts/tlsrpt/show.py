@@ -76,6 +76,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _REPORT_MEDIA = frozenset({"application/tlsrpt+gzip", "application/tlsrpt+json"})
 _LOOSE_MEDIA = frozenset({"application/gzip", "application/x-gzip", "application/json"})
 _REPORT_NAME = re.compile(r"\.(json|json\.gz|gz|gzip)$", re.IGNORECASE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
 """The start of a mail header field (RFC 5322 §2.2): how a message file is recognised."""
 _MIDNIGHT = datetime.time(0, 0)
@@ -175,6 +176,7 @@ def _text(obj: Mapping[str, Any], key: str, path: str) -> str:
     value = _member(obj, key, path)
     if not isinstance(value, str):
         raise ReportError(f"{path}.{key}: not a string ({_short(value)})")
+    _check_unicode(value, key, path)
     if not value.strip():
         raise ReportError(f"{path}.{key}: empty")
     return value.strip()
@@ -187,7 +189,14 @@ def _optional_text(obj: Mapping[str, Any], key: str, path: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ReportError(f"{path}.{key}: not a string ({_short(value)})")
+    _check_unicode(value, key, path)
     return value.strip() or None
+
+
+def _check_unicode(value: str, key: str, path: str) -> None:
+    """Refuse a lone surrogate: JSON lets C{"\\ud800"} through, but no UTF-8 output holds it."""
+    if _SURROGATE.search(value):
+        raise ReportError(f"{path}.{key}: not Unicode text (a lone surrogate)")
 
 
 def _count(obj: Mapping[str, Any], key: str, path: str) -> int:
@@ -212,7 +221,13 @@ def _short(value: object) -> str:
         text = json.dumps(value, ensure_ascii=False) if _is_json(value) else type(value).__name__
     except ValueError:  # an integer of more digits than Python converts to text
         text = type(value).__name__
+    text = _utf8(text)
     return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _utf8(text: str) -> str:
+    """C{text} with each lone surrogate (e.g. from bytes that are not UTF-8) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_json(value: object) -> bool:
@@ -409,36 +424,43 @@ def _read_mbox(path: Path) -> Iterator[Report | Skipped]:
     box = mailbox.mbox(path, create=False)
     try:
         for number, key in enumerate(box.iterkeys(), 1):
-            yield from reports_in_message(box.get_bytes(key), f"{path}, message {number}")
+            source = f"{_source(path)}, message {number}"
+            yield from reports_in_message(box.get_bytes(key), source)
     finally:
         box.close()
 
 
+def _source(path: Path) -> str:
+    """A path as text for messages: bytes that are not UTF-8 escaped (C{\\xff})."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _read_file(path: Path) -> Iterator[Report | Skipped]:
+    source = _source(path)
     with path.open("rb") as f:
         head = f.read(64)
     if head.startswith(b"From "):
         yield from _read_mbox(path)
         return
     if path.stat().st_size > 2 * MAX_REPORT_BYTES:
-        yield Skipped(str(path), f"larger than {2 * MAX_REPORT_BYTES // 2**20} MiB")
+        yield Skipped(source, f"larger than {2 * MAX_REPORT_BYTES // 2**20} MiB")
         return
     data = path.read_bytes()
     if path.suffix.lower() in (".gz", ".gzip") and not head.startswith(_GZIP_MAGIC):
-        yield Skipped(str(path), "not gzip data")
+        yield Skipped(source, "not gzip data")
     elif (
         head.startswith(_GZIP_MAGIC)
         or head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
         or path.suffix.lower() == ".json"
     ):
         try:
-            yield decode_report(data, str(path))
+            yield decode_report(data, source)
         except ReportError as e:
-            yield Skipped(str(path), str(e))
+            yield Skipped(source, str(e))
     elif _HEADER_LINE.match(head):
-        yield from reports_in_message(data, str(path))
+        yield from reports_in_message(data, source)
     else:
-        yield Skipped(str(path), "not a report, a mail message or an mbox")
+        yield Skipped(source, "not a report, a mail message or an mbox")
 
 
 def _read_path(path: Path) -> Iterator[Report | Skipped]:
@@ -454,7 +476,7 @@ def _read_path(path: Path) -> Iterator[Report | Skipped]:
                 e for e in _visible(path) if e.is_file() or (e.is_dir() and not e.is_symlink())
             ]
     except OSError as e:
-        yield Skipped(str(path), f"cannot read: {e.strerror or e}")
+        yield Skipped(_source(path), f"cannot read: {e.strerror or e}")
         return
     for entry in entries:
         yield from _read_path(entry)
