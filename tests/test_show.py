@@ -823,6 +823,28 @@ def test_malformed_file_is_skipped(tmp_path: Path, name: str, data: bytes, reaso
     assert reason in result.skipped[0].reason
 
 
+def test_mbox_message_over_the_size_cap_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An mbox message over the size cap of a message file is skipped with the same reason,
+    and the messages after it are read."""
+    monkeypatch.setattr(show, "MAX_REPORT_BYTES", 2**19)
+    padding = (b"x" * 1023 + b"\n") * 1024
+    box = mailbox.mbox(tmp_path / "reports.mbox")
+    box.add(own_message(OWN_1))
+    box.add(own_message(OWN_2) + padding)
+    box.add(google_message(GOOGLE))
+    box.flush()
+    box.close()
+    big = write(tmp_path / "big.eml", own_message(OWN_2) + padding)
+    result = read_all(tmp_path / "reports.mbox", big)
+    assert [r.report_id for r in result.reports] == [OWN_1["report-id"], GOOGLE["report-id"]]
+    assert result.skipped == [
+        Skipped(f"{tmp_path / 'reports.mbox'}, message 2", "larger than 1 MiB"),
+        Skipped(str(big), "larger than 1 MiB"),
+    ]
+
+
 def test_undecodable_names_are_escaped(tmp_path: Path) -> None:
     """A file name that is not UTF-8 is shown with its bytes escaped, so the JSON and HTML
     outputs can be written as UTF-8."""

@@ -420,12 +420,22 @@ def _visible(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
 
+def _too_large(limit: int) -> str:
+    return f"larger than {limit // 2**20} MiB"
+
+
 def _read_mbox(path: Path) -> Iterator[Report | Skipped]:
     box = mailbox.mbox(path, create=False)
+    limit = 2 * MAX_REPORT_BYTES
     try:
         for number, key in enumerate(box.iterkeys(), 1):
             source = f"{_source(path)}, message {number}"
-            yield from reports_in_message(box.get_bytes(key), source)
+            with box.get_file(key) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                yield Skipped(source, _too_large(limit))
+            else:
+                yield from reports_in_message(data, source)
     finally:
         box.close()
 
@@ -443,7 +453,7 @@ def _read_file(path: Path) -> Iterator[Report | Skipped]:
         yield from _read_mbox(path)
         return
     if path.stat().st_size > 2 * MAX_REPORT_BYTES:
-        yield Skipped(source, f"larger than {2 * MAX_REPORT_BYTES // 2**20} MiB")
+        yield Skipped(source, _too_large(2 * MAX_REPORT_BYTES))
         return
     data = path.read_bytes()
     if path.suffix.lower() in (".gz", ".gzip") and not head.startswith(_GZIP_MAGIC):
