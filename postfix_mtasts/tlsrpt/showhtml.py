@@ -145,14 +145,18 @@ _JS = r"""
     });
     var scale = frame(svg, top), base = H - BOTTOM;
     data.days.forEach(function (d, i) {
-      var y = base, x = LEFT + (i + 0.2) * SLOT;
+      var y = base, x = LEFT + (i + 0.2) * SLOT, failed = new Map();
+      d["result-types"].forEach(function (dt) {
+        var name = typeName(dt["result-type"]);
+        failed.set(name, (failed.get(name) || 0) + dt.failed);
+      });
+      // Stacked in the legend's order; each name once.
       data["result-types"].forEach(function (t) {
-        var name = typeName(t["result-type"]);
-        d["result-types"].forEach(function (dt) {
-          if (typeName(dt["result-type"]) === name) {
-            y -= bar(svg, x, y, SLOT * 0.6, scale(dt.failed), d.day, name, dt.failed);
-          }
-        });
+        var name = typeName(t["result-type"]), value = failed.get(name);
+        if (value !== undefined) {
+          failed.delete(name);
+          y -= bar(svg, x, y, SLOT * 0.6, scale(value), d.day, name, value);
+        }
       });
     });
   }
