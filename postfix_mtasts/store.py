@@ -660,7 +660,11 @@ class Store:
 
 
 class _Transaction:
-    """``with`` block around BEGIN IMMEDIATE ... COMMIT, rolled back on an exception."""
+    """``with`` block around BEGIN IMMEDIATE ... COMMIT, rolled back on an exception.
+
+    SQLite may have rolled back already (a full disk, an I/O error): then there is nothing to
+    roll back, and the error that did it is the one raised.
+    """
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -671,5 +675,5 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self._db.execute("COMMIT")
-        else:
+        elif self._db.in_transaction:
             self._db.execute("ROLLBACK")

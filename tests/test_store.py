@@ -139,3 +139,22 @@ def test_corrupt_store_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         Store(path)
     assert issubclass(StoreError, Exception) and not issubclass(StoreError, sqlite3.Error)
+
+
+def test_full_disk_reports_the_real_error(tmp_path: Path) -> None:
+    """A commit that fills the disk says so, and the next one works once there is room."""
+    store = Store(tmp_path / "s.sqlite")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a disk that is all but full
+    counts = {
+        (f"2026-11-{i % 28 + 1:02d}", f"d{i}.example", "sts", "x" * 500, "mx", "success",
+         "h", "192.0.2.1", ""): 1
+        for i in range(2000)
+    }  # fmt: skip
+    with pytest.raises(StoreError, match="full") as caught:
+        store.commit_counts("mail.log", "p1", counts, 1.0)
+    assert "no transaction is active" not in str(caught.value)
+    assert not store._db.in_transaction
+    store.commit_counts("mail.log", "p2", {}, 2.0)
+    assert store.log_position("mail.log") == ("p2", None)
+    store.close()
