@@ -133,8 +133,19 @@ def prepare_state_dir(store_path: Path, user: str, group: str | None = None) -> 
     hard links or is not a regular file is refused.
 
     Not root: the directory is only created if missing (mode 0750); nothing is changed.
+    An error of the system (a parent that is a file, no permission) is a
+    :class:`PrivilegeError` naming the path.
     """
     account = lookup_account(user, group)
+    try:
+        _prepare_state_dir(store_path, account)
+    except OSError as e:
+        # Path.mkdir(exist_ok=True) raises FileExistsError for a file in the way.
+        problem = "not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+        raise PrivilegeError(f"{e.filename or store_path.parent}: {problem}") from None
+
+
+def _prepare_state_dir(store_path: Path, account: Account) -> None:
     directory = store_path.parent
     if os.geteuid() != 0:
         directory.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)

@@ -384,6 +384,40 @@ def test_prepare_refuses_a_non_directory(
         assert os.stat(shared_dir / "elsewhere").st_uid == 0
 
 
+@pytest.mark.parametrize(
+    ("where", "blame", "problem"),
+    [
+        ("file/state/store.sqlite", "file", "not a directory"),
+        ("/proc/1/no-such/store.sqlite", "/proc/1/no-such", "No such file or directory"),
+    ],
+)
+def test_prepare_os_errors_are_one_line(
+    test_user: SystemUser, shared_dir: Path, where: str, blame: str, problem: str
+) -> None:
+    """A state directory the system will not make is a one-line error naming the path."""
+    (shared_dir / "file").write_text("")
+    with pytest.raises(PrivilegeError) as e:
+        prepare_state_dir(shared_dir / where, test_user.name)
+    assert str(e.value) == f"{shared_dir / blame}: {problem}"
+
+
+def test_prepare_as_another_user_without_permission(shared_dir: Path) -> None:
+    """Not root, a directory it may not create is a one-line error naming the path."""
+    require_root()
+    result = child(
+        """
+        os.setresuid(65534, 65534, 65534)
+        try:
+            prepare_state_dir(Path(store), "root")
+            result = {"error": None}
+        except PrivilegeError as e:
+            result = {"error": str(e)}
+        """,
+        store=str(shared_dir / "state" / "store.sqlite"),
+    )
+    assert result == {"error": f"{shared_dir / 'state'}: Permission denied"}
+
+
 def test_prepare_as_another_user_only_creates(shared_dir: Path) -> None:
     """Not root: the directory is created if missing, and nothing is chowned."""
     require_root()
