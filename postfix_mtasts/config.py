@@ -332,8 +332,8 @@ def _server(t: _Table) -> ServerConfig:
         t.valid("listen", entry, _check_endpoint)
     return ServerConfig(
         listen=listen,
-        user=t.string("user"),
-        group=t.string("group"),
+        user=t.valid("user", t.string("user"), _account),
+        group=t.valid("group", t.string("group"), _account),
         allow_root=t.boolean("allow_root", ServerConfig.allow_root),
     )
 
@@ -606,6 +606,13 @@ def _check_endpoint(text: str) -> None:
     except TypeError as e:
         raise ValueError(f"{kind}: {e}") from None
     check(*bound.args, **bound.kwargs)
+
+
+def _account(text: str) -> str:
+    """A user or group name or id, which the account databases can look up."""
+    if not text.isprintable():
+        raise ValueError("contains a control character")
+    return text
 
 
 def _host_port(text: str, *, hostnames: bool, default_port: int | None) -> tuple[str, int]:

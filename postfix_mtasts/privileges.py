@@ -76,16 +76,17 @@ def lookup_account(user: str, group: str | None = None) -> Account:
     Without ``group`` the process gets the user's primary group and its supplementary groups
     from the group database (as ``initgroups`` would), e.g. ``adm`` to read
     ``/var/log/mail.log`` on Debian.  With ``group`` (a name or numeric id) it gets that group
-    alone.  Raises :class:`PrivilegeError` naming ``[server] user`` or ``[server] group``.
+    alone.  Raises :class:`PrivilegeError` naming ``[server] user`` or ``[server] group``
+    (a name with a NUL byte, which the databases cannot hold, is no such account).
     """
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
+    except (KeyError, OverflowError, ValueError):
         raise PrivilegeError(f"[server] user: no such user {user!r}") from None
     if group:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-        except (KeyError, OverflowError):
+        except (KeyError, OverflowError, ValueError):
             raise PrivilegeError(f"[server] group: no such group {group!r}") from None
         groups: tuple[int, ...] = (gid,)
     else:

@@ -210,6 +210,15 @@ def test_wrong_types(text: str, expected: str) -> None:
     assert _error(text) == f"/etc/x.toml: {expected}"
 
 
+@pytest.mark.parametrize("key", ["user", "group"])
+@pytest.mark.parametrize("name", ["a\u0000b", "nobody\n", "\u007f"])
+def test_account_with_a_control_character(key: str, name: str) -> None:
+    """A user or group name with a control character is an error naming the key."""
+    assert _error(f"[server]\n{key} = {_toml(name)}") == (
+        f"/etc/x.toml: [server] {key}: {name!r}: contains a control character"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -157,6 +157,8 @@ def test_root_without_user_is_refused(user: str) -> None:
         ("4294967294", None, "[server] user: no such user '4294967294'"),
         ("99999999999999999999", None, "[server] user: no such user '99999999999999999999'"),
         ("nobody", "no-such-group-x", "[server] group: no such group 'no-such-group-x'"),
+        ("a\x00b", None, "[server] user: no such user 'a\\x00b'"),
+        ("nobody", "a\x00b", "[server] group: no such group 'a\\x00b'"),
     ],
 )
 def test_unknown_account_is_a_clear_error(
