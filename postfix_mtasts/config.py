@@ -595,7 +595,7 @@ def _check_endpoint(text: str) -> None:
         args, kwargs = _split_endpoint(text)
     except RuntimeError:  # a trailing backslash escapes nothing
         raise ValueError("ends with a lone backslash") from None
-    if not args[0]:
+    if not args or not args[0]:  # "" or only key=value parts
         raise ValueError("no endpoint type")
     kind = args[0]
     check = _ENDPOINT_TYPES.get(kind)

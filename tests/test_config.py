@@ -311,6 +311,8 @@ def test_good_endpoints(entry: str) -> None:
     ("entry", "problem"),
     [
         ("", "no endpoint type"),
+        ("interface=127.0.0.1", "no endpoint type"),
+        ("port=8461:interface=127.0.0.1", "no endpoint type"),
         ("8461", "unknown endpoint type '8461' (use tcp, tcp6, unix or systemd)"),
         ("udp:53", "unknown endpoint type 'udp' (use tcp, tcp6, unix or systemd)"),
         ("ssl:443", "unknown endpoint type 'ssl' (use tcp, tcp6, unix or systemd)"),
@@ -351,9 +353,12 @@ def test_metrics_listen_on_loopback_unless_told(endpoint: str, expected: str) ->
     assert MetricsConfig.loopback(config.metrics.serve) == expected
 
 
-def test_bad_metrics_endpoint() -> None:
+@pytest.mark.parametrize("endpoint", ["http:9462", "port=9462"])
+def test_bad_metrics_endpoint(endpoint: str) -> None:
     """A metrics endpoint that is not an endpoint string names its key."""
-    assert _error('[metrics]\ntail = "http:9462"').startswith("/etc/x.toml: [metrics] tail: ")
+    assert _error(f"[metrics]\ntail = {_toml(endpoint)}").startswith(
+        "/etc/x.toml: [metrics] tail: "
+    )
 
 
 def test_listen_must_not_be_empty() -> None:
