@@ -95,11 +95,16 @@ class MetricsConfig:
     @staticmethod
     def loopback(endpoint: str) -> str:
         """``endpoint`` with ``interface=`` set to loopback when a ``tcp``/``tcp6`` one has
-        none: metrics are not published beyond the host unless asked for."""
+        none, by name or by position: metrics are not published beyond the host unless asked
+        for.  ``endpoint`` is a valid one (:func:`_check_endpoint`)."""
         args, kwargs = _split_endpoint(endpoint)
-        if args[0] in ("tcp", "tcp6") and "interface" not in kwargs:
-            return endpoint + (r":interface=\:\:1" if args[0] == "tcp6" else ":interface=127.0.0.1")
-        return endpoint
+        kind = args[0] if args else ""
+        if kind not in ("tcp", "tcp6"):
+            return endpoint
+        given = inspect.signature(_ENDPOINT_TYPES[kind]).bind(*args[1:], **kwargs).arguments
+        if "interface" in given:
+            return endpoint
+        return endpoint + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
 
 
 @dataclass(frozen=True)

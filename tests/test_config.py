@@ -344,13 +344,18 @@ def test_bad_endpoints(entry: str, problem: str) -> None:
         ("tcp:9461", "tcp:9461:interface=127.0.0.1"),
         ("tcp6:9461", r"tcp6:9461:interface=\:\:1"),
         ("tcp:9461:interface=0.0.0.0", "tcp:9461:interface=0.0.0.0"),
+        ("tcp:9461:0.0.0.0", "tcp:9461:0.0.0.0"),
+        ("tcp:port=9461:backlog=5", "tcp:port=9461:backlog=5:interface=127.0.0.1"),
+        ("tcp6:9461:5", r"tcp6:9461:5:interface=\:\:1"),
+        (r"tcp6:9461:5:\:\:", r"tcp6:9461:5:\:\:"),
         ("unix:/run/m.sock", "unix:/run/m.sock"),
     ],
 )
 def test_metrics_listen_on_loopback_unless_told(endpoint: str, expected: str) -> None:
-    """A metrics endpoint without an interface listens on loopback only."""
+    """A metrics endpoint without an interface, by name or by position, listens on loopback."""
     config = parse_config(f"[metrics]\nserve = {_toml(endpoint)}", "f")
     assert MetricsConfig.loopback(config.metrics.serve) == expected
+    endpoints.serverFromString(_NoReactor(), expected)  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize("endpoint", ["http:9462", "port=9462"])
