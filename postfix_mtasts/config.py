@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -304,6 +305,8 @@ def parse_config(text: str, source: str) -> Config:
             where = f"line {match[1]}"
             problem += f" (column {match[2]})"
         raise ConfigError(source, where, problem[:1].lower() + problem[1:]) from None
+    except ValueError as e:  # an integer of more digits than int() reads (no line known)
+        raise ConfigError(source, "syntax error", str(e).partition(";")[0]) from None
     return _build(data, source)
 
 
@@ -486,11 +489,17 @@ class _Table:
         return tuple(cast(list[str], value))
 
     def number(self, key: str, default: float, low: float, high: float, *, low_open: bool) -> float:
-        number = float(cast(float, self._get(key, default, (int, float), "a number")))
+        value = cast(float, self._get(key, default, (int, float), "a number"))
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float: out of range
+            number = math.inf if value > 0 else -math.inf
         if not ((low < number if low_open else low <= number) and number <= high):
             bound = "more than" if low_open else "at least"
+            huge = isinstance(value, int) and math.isinf(number)
+            shown = _describe(value) if huge else f"{number:g}"
             raise self.error(
-                key, f"must be {bound} {low:g} and at most {high:g} seconds, got {number:g}"
+                key, f"must be {bound} {low:g} and at most {high:g} seconds, got {shown}"
             )
         return number
 
@@ -521,7 +530,10 @@ def _describe(value: object) -> str:
         return "an array"
     if isinstance(value, datetime | date | time):
         return f"a date/time ({value.isoformat()})"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than str() writes
+        return "an integer too long to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

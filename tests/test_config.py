@@ -274,6 +274,38 @@ def test_numbers_out_of_range(text: str, expected: str) -> None:
     assert _error(text) == f"/etc/x.toml: {expected}"
 
 
+HUGE = "1" + "0" * 400  # beyond any float
+SHOWN = HUGE[:57] + "..."
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"[dns]\ntimeout = {HUGE}",
+            f"[dns] timeout: must be more than 0 and at most 300 seconds, got {SHOWN}",
+        ),
+        (
+            f"[tlsrpt]\nsend_delay = -{HUGE}",
+            "[tlsrpt] send_delay: must be at least 0 and at most 86400 seconds,"
+            f" got -{SHOWN[:-4]}...",
+        ),
+        (
+            "[server]\nuser = 0x1" + "0" * 4000,  # hexadecimal: read, but too long for str()
+            "[server] user: expected a string, got an integer too long to show",
+        ),
+        (
+            "[server]\nuser = 1" + "0" * 5000,  # decimal: too long for tomllib to read
+            "syntax error: Exceeds the limit (4300 digits) for integer string conversion:"
+            " value has 5001 digits",
+        ),
+    ],
+)
+def test_huge_integers(text: str, expected: str) -> None:
+    """Integers too large for a float or for str() are one-line errors, not tracebacks."""
+    assert _error(text) == f"/etc/x.toml: {expected}"
+
+
 def test_number_bounds_are_inclusive() -> None:
     """The upper bounds, and a send_delay of 0, are accepted."""
     config = parse_config(
