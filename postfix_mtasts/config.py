@@ -39,6 +39,7 @@ __all__ = [
     "TLSRPTConfig",
     "load_config",
     "parse_config",
+    "parse_nameserver",
     "state_dir",
 ]
 
@@ -113,14 +114,10 @@ class DNSConfig:
     """``[dns]``: how policy records are looked up."""
 
     nameservers: tuple[str, ...] = ()
-    """``ip``, ``ip:port``, ``[v6]:port`` or ``v6``; empty means ``/etc/resolv.conf``."""
+    """``ip``, ``ip:port``, ``[v6]:port`` or ``v6`` (see :func:`parse_nameserver`); empty
+    means ``/etc/resolv.conf``."""
     timeout: float = 5.0
     """Seconds for a whole lookup."""
-
-    @property
-    def addresses(self) -> tuple[tuple[str, int], ...]:
-        """The nameservers as ``(ip, port)`` pairs, port 53 unless given."""
-        return tuple(_nameserver(text) for text in self.nameservers)
 
 
 @dataclass(frozen=True)
@@ -359,7 +356,7 @@ def _dns(t: _Table) -> DNSConfig:
     t.check_keys({"nameservers", "timeout"})
     nameservers = t.strings("nameservers", DNSConfig.nameservers)
     for entry in nameservers:
-        t.valid("nameservers", entry, _nameserver)
+        t.valid("nameservers", entry, parse_nameserver)
     return DNSConfig(nameservers=nameservers, timeout=t.timeout("timeout", DNSConfig.timeout))
 
 
@@ -665,8 +662,15 @@ def _ip(text: str) -> str:
         raise ValueError("not an IP address") from None
 
 
-def _nameserver(text: str) -> tuple[str, int]:
-    return _host_port(text, hostnames=False, default_port=53)
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """A nameserver entry as ``(ip, port)``, the address in canonical text, port 53 unless given.
+
+    Accepted forms: ``192.0.2.53``, ``127.0.0.1:5353``, ``[::1]:53``, ``[::1]`` and ``::1``
+    (an unbracketed IPv6 address never carries a port).  Raises ValueError with a short
+    reason.  :func:`postfix_mtasts.mtasts.dns.parse_nameservers` reads entries with it.
+    """
+    host, port = _host_port(text, hostnames=False, default_port=53)
+    return _ip(host), port
 
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)

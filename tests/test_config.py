@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
+import textwrap
 import tomllib
 from datetime import UTC
 from pathlib import Path
@@ -26,8 +29,10 @@ from postfix_mtasts.config import (
     TLSRPTConfig,
     load_config,
     parse_config,
+    parse_nameserver,
     state_dir,
 )
+from postfix_mtasts.mtasts.dns import parse_nameservers
 from postfix_mtasts.mtasts.policy import ReplyOptions
 
 EXAMPLE = Path(__file__).parent.parent / "contrib" / "postfix-mtasts.toml"
@@ -136,7 +141,7 @@ def test_full_file(tmp_path: Path) -> None:
         allow_root=True,
     )
     assert config.dns.nameservers == ("127.0.0.1:5353", "[::1]:53", "192.0.2.53", "2001:db8::53")
-    assert config.dns.addresses == (
+    assert tuple(map(parse_nameserver, config.dns.nameservers)) == (
         ("127.0.0.1", 5353),
         ("::1", 53),
         ("192.0.2.53", 53),
@@ -414,13 +419,31 @@ def test_listen_must_not_be_empty() -> None:
         ("2001:db8::53", ("2001:db8::53", 53)),
         ("[::1]:5353", ("::1", 5353)),
         ("[::1]", ("::1", 53)),
+        ("[2001:DB8:0::1]:5300", ("2001:db8::1", 5300)),
+        ("2001:DB8:0::53", ("2001:db8::53", 53)),
+        ("::ffff:192.0.2.1", ("::ffff:c000:201", 53)),
+        ("fe80::1%eth0", ("fe80::1%eth0", 53)),
     ],
 )
 def test_good_nameservers(entry: str, address: tuple[str, int]) -> None:
-    """Nameservers are IP addresses with an optional port, IPv6 with a port in brackets."""
+    """Nameservers are IP addresses with an optional port, IPv6 with a port in brackets;
+    the DNS client reads each as the configuration checked it, in canonical text."""
     config = parse_config(f"[dns]\nnameservers = [{_toml(entry)}]", "f")
     assert config.dns.nameservers == (entry,)
-    assert config.dns.addresses == (address,)
+    assert parse_nameserver(entry) == address
+    assert parse_nameservers(config.dns.nameservers) == [address]
+
+
+def test_config_reads_no_dns_library() -> None:
+    """Checking nameservers in the configuration loads neither dnspython nor the DNS client."""
+    code = textwrap.dedent("""
+        import sys
+        from postfix_mtasts.config import parse_config
+        parse_config('[dns]\\nnameservers = ["::1"]', "f")
+        print(sorted(m for m in sys.modules if m == "dns" or m.endswith(".dns")))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
+from postfix_mtasts.config import parse_nameserver
+
 DEFAULT_PORT = 53
 RESOLV_CONF = "/etc/resolv.conf"
 MAX_CNAME_HOPS = 8
@@ -93,40 +95,21 @@ def parse_nameservers(
 ) -> list[tuple[str, int]]:
     """Turn configured nameserver strings into ``(host, port)`` pairs.
 
-    Accepted forms: ``192.0.2.53``, ``127.0.0.1:5353``, ``[::1]:53``, ``[::1]`` and ``::1``
-    (an unbracketed IPv6 address never carries a port). Raises :class:`ValueError` naming the
+    Each entry is read by :func:`postfix_mtasts.config.parse_nameserver` (``192.0.2.53``,
+    ``127.0.0.1:5353``, ``[::1]:53``, ``[::1]``, ``::1``). Raises :class:`ValueError` naming the
     first bad entry. With nothing configured, the ``nameserver`` lines of ``resolv_conf`` are
     used (the first three, as the C library does), else ``127.0.0.1:53``.
     """
     if configured:
-        return [_parse_nameserver(entry) for entry in configured]
+        return [_nameserver(entry) for entry in configured]
     return _read_resolv_conf(resolv_conf) or [("127.0.0.1", DEFAULT_PORT)]
 
 
-def _parse_nameserver(entry: str) -> tuple[str, int]:
-    host, port = entry, DEFAULT_PORT
-    if entry.startswith("["):
-        host, bracket, rest = entry[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad nameserver {entry!r}: expected [IPv6] or [IPv6]:port")
-        if rest:
-            port = _parse_port(rest[1:], entry)
-        if ":" not in host:
-            raise ValueError(f"bad nameserver {entry!r}: brackets are for IPv6 addresses")
-    elif entry.count(":") == 1:
-        host, _, port_text = entry.partition(":")
-        port = _parse_port(port_text, entry)
+def _nameserver(entry: str) -> tuple[str, int]:
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"bad nameserver {entry!r}: not an IP address") from None
-    return str(address), port
-
-
-def _parse_port(text: str, entry: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
-        raise ValueError(f"bad nameserver {entry!r}: port must be 1-65535")
-    return int(text)
+        return parse_nameserver(entry)  # the parser that checks the configuration
+    except ValueError as e:
+        raise ValueError(f"bad nameserver {entry!r}: {e}") from None
 
 
 def _read_resolv_conf(path: str) -> list[tuple[str, int]]:
