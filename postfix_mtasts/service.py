@@ -194,7 +194,7 @@ class MeasuredLookup:
         reply = self._lookup(name, key)
         if isinstance(reply, bytes):
             self.answers[_kind(reply)] += 1
-            self.latency.counts[0] += 1
+            self.latency.add(1)
             return reply
         self.in_flight += 1
         started = self._clock.seconds()

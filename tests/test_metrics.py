@@ -6,14 +6,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from postfix_mtasts.metrics import (
+    LATENCY_BUCKETS,
     Histogram,
     counter,
     gauge,
     listen_metrics,
     make_registry,
 )
+from postfix_mtasts.service import MeasuredLookup
 from tests.scrape import scrape
 
 
@@ -31,6 +35,40 @@ def test_histogram_buckets_are_cumulative() -> None:
         "postfix_mtasts_lookup_seconds_count": 8,
         "postfix_mtasts_lookup_seconds_sum": pytest.approx(7.565),
     }
+
+
+class _Recorded(Histogram):
+    """A histogram that remembers its calls of ``add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[int, float]] = []
+
+    def add(self, count: int, value: float = 0.0) -> None:
+        self.added.append((count, value))
+        super().add(count, value)
+
+
+def test_measured_lookup_latency() -> None:
+    """An answer ready at once is counted by Histogram.add in the first bucket; a later one
+    in the bucket of its time on the clock."""
+    clock = Clock()
+    later: Deferred[bytes] = Deferred()
+    replies: list[bytes | Deferred[bytes]] = [b"3:OK ,", later]
+    lookup = MeasuredLookup(lambda name, key: replies.pop(0), clock)
+    lookup.latency = recorded = _Recorded()
+    assert lookup(b"postfix", b"now.example") == b"3:OK ,"
+    pending = lookup(b"postfix", b"later.example")
+    assert isinstance(pending, Deferred) and lookup.in_flight == 1
+    clock.advance(0.3)
+    later.callback(b"9:NOTFOUND ,")
+    assert recorded.added == [(1, 0.0)]
+    assert recorded.counts[0] == 1
+    assert recorded.counts[LATENCY_BUCKETS.index(0.5)] == 1
+    assert recorded.sum == pytest.approx(0.3)
+    assert lookup.in_flight == 0
+    assert dict(lookup.answers) == {b"OK": 1, b"NO": 1}
+    assert pending.result == b"9:NOTFOUND ,"
 
 
 @pytest_twisted.ensureDeferred
