@@ -357,14 +357,18 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     else:
         follower = LogFollower(source, ingest.position)
     progress = _Progress(follower, ingest)
+
+    def ended() -> None:  # all the input is read: count the sessions held back
+        ingest.caught_up()
+        ingest.finish()
+        progress.report(final=True)
+
     try:
         if args.once:
             for lines, position in follower.read_available():
                 ingest.handle(lines, position)
                 progress.maybe_report()
-            ingest.caught_up()
-            ingest.finish()
-            progress.report(final=True)
+            ended()
             return EXIT_OK
         if isinstance(follower, StreamFollower):
             os.set_blocking(sys.stdin.buffer.fileno(), False)
@@ -410,7 +414,11 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
 
         react(lambda r: ensureDeferred(run(r)))  # exits through SystemExit
     except SystemExit as e:
-        return EXIT_OK if e.code in (0, None) else EXIT_FAILED
+        if e.code not in (0, None):
+            return EXIT_FAILED
+        if follower.finished:  # standard input ended, rather than a stop
+            ended()
+        return EXIT_OK
     finally:
         if isinstance(follower, LogFollower):
             follower.close()

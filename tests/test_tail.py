@@ -404,3 +404,14 @@ def test_tail_once_on_a_missing_file_says_so(tmp_path: Path) -> None:
     result = tail(config(tmp_path, "missing"), "--once", str(missing))
     assert result.returncode == 1
     assert result.stderr == f"postfix-mtasts: {missing}: no such file\n"
+
+
+def test_following_standard_input_counts_to_its_end(tmp_path: Path) -> None:
+    """`tail -` without --once stops at the end of standard input, with every session counted."""
+    log = tmp_path / "mail.log"
+    write_log(log, 50)
+    with log.open("rb") as stdin:
+        result = tail(config(tmp_path, "follow"), "-", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert "read 150 lines" in result.stderr
+    assert sum(counts(tmp_path, "follow").values()) == 50
