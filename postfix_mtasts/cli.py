@@ -44,7 +44,7 @@ from postfix_mtasts.privileges import (
 )
 from postfix_mtasts.store import Store, StoreError
 from postfix_mtasts.tlsrpt.ingest import Ingest, follow_into
-from postfix_mtasts.tlsrpt.tailer import LogFollower, StreamFollower
+from postfix_mtasts.tlsrpt.tailer import LogFileError, LogFollower, StreamFollower, check_log_file
 
 # Each command imports the rest of what it needs itself (PLC0415 below): `tail`, restarted
 # by systemd and run on every log, does not load DNS, HTTPS and the policy map.
@@ -346,10 +346,15 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
         dkim_key = read_dkim_key(config)  # before the switch: root may own the key
     if _switch_user(config, daemon=True):
         _drop(config)
-    store = Store(config.store_path())
     source = "-" if args.path == "-" else os.path.abspath(args.path)
-    if args.once and source != "-" and not os.path.exists(source):
-        _fail(EXIT_FAILED, f"{source}: no such file")  # following, it is waited for
+    if source != "-":  # checked as the user that reads it
+        try:
+            exists = check_log_file(source)
+        except LogFileError as e:
+            _fail(EXIT_FAILED, str(e))
+        if args.once and not exists:
+            _fail(EXIT_FAILED, f"{source}: no such file")  # following, it is waited for
+    store = Store(config.store_path())
     ingest = Ingest(store, config.tlsrpt, source)
     follower: LogFollower | StreamFollower
     if source == "-":

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,6 +23,7 @@ from postfix_mtasts.config import TLSRPTConfig
 from postfix_mtasts.store import OutboxRow, Store, StoreError
 from postfix_mtasts.tlsrpt.ingest import RELEASE_INTERVAL, Ingest, follow_into, log_read_through
 from postfix_mtasts.tlsrpt.tailer import LogFollower
+from tests.daemon import require_root
 
 TLS = (
     "2026-11-22T{t} mail postfix/smtp[{pid}]: {trust} TLS connection established to"
@@ -415,3 +420,52 @@ def test_following_standard_input_counts_to_its_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "read 150 lines" in result.stderr
     assert sum(counts(tmp_path, "follow").values()) == 50
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "following"])
+@pytest.mark.parametrize("kind", ["directory", "fifo", "pipe"])
+def test_tail_refuses_what_is_not_a_file(tmp_path: Path, kind: str, once: bool) -> None:
+    """A directory, a FIFO without a writer or a pipe as /dev/stdin is refused at once, in one
+    line with exit code 1, pointing to `-` for standard input."""
+    path = tmp_path / "mail.log"
+    r, w = os.pipe()
+    os.write(w, b"a line\n")
+    os.close(w)
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/stdin")
+    with os.fdopen(r, "rb") as stdin:
+        result = tail(config(tmp_path, "x"), *(["--once"] if once else []), str(path), stdin=stdin)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"postfix-mtasts: {path}: not a regular file; use - to read standard input\n"
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (pytest's own tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="pmt-tail-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "following"])
+def test_tail_on_an_unreadable_log(shared_dir: Path, once: bool) -> None:
+    """A log the user may not read is one line with exit code 1, not a traceback."""
+    require_root()
+    log = shared_dir / "secret.log"
+    write_log(log, 1)
+    log.chmod(0o600)
+    cfg = shared_dir / "c.toml"
+    cfg.write_text(f'[store]\npath = "{shared_dir}/state/store.sqlite"\n')
+    result = tail(cfg, "--user", "nobody", *(["--once"] if once else []), str(log))
+    assert result.returncode == 1
+    assert result.stderr.endswith(f"\npostfix-mtasts: {log}: Permission denied\n")
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import operator
 import os
@@ -10,13 +11,23 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
-from postfix_mtasts.tlsrpt.tailer import LogFollower, Position, StreamFollower, follow
+from postfix_mtasts.tlsrpt.tailer import (
+    REPEAT_EVERY,
+    LogFileError,
+    LogFollower,
+    Position,
+    StreamFollower,
+    check_log_file,
+    follow,
+)
 
 Batch = tuple[list[bytes], Position]
 
@@ -250,6 +261,87 @@ def test_missing_file_then_reappearing(
     assert _read(follower) == []
     log.write_bytes(_data(_log("B", 1, 2)))
     assert _lines(_read(follower)) == _log("B", 1, 2)
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """The text of every event logged during the test."""
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(formatEvent(event))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+@pytest.mark.parametrize("kind", ["file", "missing", "directory", "fifo"])
+def test_check_log_file(log: Path, kind: str) -> None:
+    """A regular file exists, a missing one does not, and anything else is a one-line error;
+    a FIFO with no writer does not hang the check."""
+    if kind == "file":
+        log.write_bytes(b"")
+    elif kind == "directory":
+        log.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(log)
+    if kind in ("file", "missing"):
+        assert check_log_file(str(log)) is (kind == "file")
+        return
+    with pytest.raises(LogFileError) as e:
+        check_log_file(str(log))
+    assert str(e.value) == f"{log}: not a regular file; use - to read standard input"
+
+
+def test_unreadable_path_is_logged_and_waited_for(
+    log: Path, open_follower: Callable[..., LogFollower], logged: list[str]
+) -> None:
+    """A path that is no regular file gives no lines and one log line, and is read once it is."""
+    log.mkdir()
+    follower = open_follower()
+    assert _read(follower) == [] and _read(follower) == []
+    assert logged == [
+        f"cannot read log {log}: not a regular file; use - to read standard input; trying again"
+    ]
+    log.rmdir()
+    log.write_bytes(_data(_log("A", 1, 2)))
+    assert _lines(_read(follower)) == _log("A", 1, 2)
+
+
+def test_rotated_in_file_that_cannot_be_opened(
+    log: Path,
+    open_follower: Callable[..., LogFollower],
+    logged: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a rotation to a file it may not open, the old file is still read, the error is
+    logged now and then, and the new file is read from its start once it can be opened."""
+    rotated = log.with_name("mail.log.1")
+    log.write_bytes(_data(_log("A", 1, 2)))
+    follower = open_follower()
+    assert _lines(_read(follower)) == _log("A", 1, 2)
+    log.rename(rotated)
+    log.write_bytes(_data(_log("B", 1, 2)))  # created with permissions the reader lacks
+    _append(rotated, _data(_log("A", 3, 3)))
+    real_open = os.open
+
+    def refuse(path: Any, flags: int, *args: Any) -> int:
+        if path == str(log):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert _lines(_read(follower)) == _log("A", 3, 3)
+    for _ in range(REPEAT_EVERY):
+        assert _read(follower) == []
+    assert logged == [f"cannot read log {log}: Permission denied; trying again"] * 2
+    monkeypatch.undo()
+    assert _lines(_read(follower)) == _log("B", 1, 2)
+    assert "rotated" in logged[-1]
 
 
 def test_close_then_read_resumes(log: Path, open_follower: Callable[..., LogFollower]) -> None:

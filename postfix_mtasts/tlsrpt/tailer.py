@@ -15,6 +15,10 @@ What happens to the file while it is followed:
   (truncated and regrown past the offset between two polls).  If ``path.1`` holds a copy of
   what was being read, its unread rest is read first; then the file is read again from 0.
 - **missing**: no error; reading starts when the file appears.
+- **unreadable** (no permission, not a regular file): logged, at most every
+  :data:`REPEAT_EVERY` attempts for the same error, and tried again at each read; the file
+  being read meanwhile (after a rotation, the old one) goes on being read.
+  :func:`check_log_file` tells such a path at once, for a caller that would rather stop.
 
 A resumed position is looked for in ``path``, then in ``path.1`` (logrotate's name for the
 previous file).  A file holds it when it is at least ``offset`` long and its first
@@ -34,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -50,6 +55,10 @@ CHUNK = 1 << 20
 costs about 4 ms of CPU whatever its length: with 256 KiB reads (about 1,500 lines) that
 was a quarter of ``tail --once``'s time, with 1 MiB reads about a tenth, for 5 MiB more peak
 memory."""
+
+REPEAT_EVERY = 300
+"""A file that cannot be opened is logged at its first failure, then once every this many
+failed attempts with the same error (every five minutes at :func:`follow`'s default pace)."""
 
 _log = Logger()
 
@@ -156,12 +165,37 @@ class _OpenFile:
         return Position(self.device, self.inode, self.offset, head)
 
 
+class LogFileError(Exception):
+    """A log path that cannot be read as a log file; ``str()`` is one line, ``PATH: why``."""
+
+
 def _open(name: str) -> tuple[int, os.stat_result] | None:
+    """The regular file C{name} opened for reading, or None if it is missing.
+
+    Raises L{LogFileError} for anything else: no permission, a directory, a FIFO or a device
+    (opened without blocking, so that a FIFO with no writer does not hang).
+    """
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    return fd, os.fstat(fd)
+    except OSError as e:
+        raise LogFileError(f"{name}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise LogFileError(f"{name}: not a regular file; use - to read standard input")
+    return fd, st
+
+
+def check_log_file(path: str) -> bool:
+    """Whether the log file ``path`` exists; raises :class:`LogFileError` if it cannot be
+    read as one (no permission, not a regular file).  :class:`LogFollower` logs such a file
+    and waits instead."""
+    opened = _open(path)
+    if opened is not None:
+        os.close(opened[0])
+    return opened is not None
 
 
 class LogFollower:
@@ -180,6 +214,7 @@ class LogFollower:
         self._resume = position
         self._chunk = chunk
         self._file: _OpenFile | None = None
+        self._failures: dict[str, tuple[str, int]] = {}  # name: (error, attempts)
         self.lines_read = 0
         self.bytes_read = 0
 
@@ -230,10 +265,25 @@ class LogFollower:
                 self.lines_read += len(lines)
                 yield lines, f.position()
 
+    def _try_open(self, name: str) -> tuple[int, os.stat_result] | None:
+        """L{_open}, with a file that cannot be opened logged now and then and taken as
+        missing."""
+        try:
+            opened = _open(name)
+        except LogFileError as e:
+            error, attempts = self._failures.get(name, ("", 0))
+            attempts = attempts + 1 if error == str(e) else 1
+            self._failures[name] = (str(e), attempts)
+            if (attempts - 1) % REPEAT_EVERY == 0:
+                _log.error("cannot read log {error}; trying again", error=str(e))
+            return None
+        self._failures.pop(name, None)
+        return opened
+
     def _find(self, position: Position, names: tuple[str, ...]) -> _OpenFile | None:
         """Open the first of C{names} that holds C{position} (see the module docstring)."""
         for name in names:
-            opened = _open(name)
+            opened = self._try_open(name)
             if opened is None:
                 continue
             fd, st = opened
@@ -254,7 +304,7 @@ class LogFollower:
             if found is not None:
                 self._resume = None
                 return found
-        opened = _open(self._path)
+        opened = self._try_open(self._path)
         if opened is None:
             return None
         if position is not None:
@@ -291,9 +341,12 @@ class LogFollower:
             st = os.stat(self._path)
         except FileNotFoundError:
             return None
-        if (st.st_dev, st.st_ino) == (f.device, f.inode) or st.st_size == 0:
-            return None
-        opened = _open(self._path)
+        except OSError:
+            pass  # opening it logs why
+        else:
+            if (st.st_dev, st.st_ino) == (f.device, f.inode) or st.st_size == 0:
+                return None
+        opened = self._try_open(self._path)
         if opened is None:
             return None
         fd, st = opened
