@@ -25,6 +25,7 @@ policy nor end one early; what goes to the store (fetch, expiry and refresh time
 from __future__ import annotations
 
 import datetime
+import gc
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -239,9 +240,18 @@ class PolicyResolver:
         """Fill memory from the store, most recently fetched first; returns the count."""
         count = 0
         now, monotonic = self._clock.seconds(), self._monotonic()
-        for stored in self._store.load_policies(now, int(self._memory.maxsize)):
-            self._memory[stored.domain] = Entry.from_stored(stored, now, monotonic)
-            count += 1
+        # The cyclic garbage collector is off meanwhile: the entries are long-lived and make
+        # no cycles, and collecting while they are made walks them again and again (a
+        # quarter of the time it takes to load 100,000).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for stored in self._store.load_policies(now, int(self._memory.maxsize)):
+                self._memory[stored.domain] = Entry.from_stored(stored, now, monotonic)
+                count += 1
+        finally:
+            if collecting:
+                gc.enable()
         return count
 
     async def query(self, key: str, zone: str = "postfix") -> Answer:
