@@ -268,7 +268,8 @@ class Store:
         return self._row(rows[0]) if rows else None
 
     def load_policies(self, now: float, limit: int | None = None) -> Iterator[StoredPolicy]:
-        """Every policy unexpired at ``now``, most recently fetched first, read as iterated.
+        """Every policy unexpired at ``now``, read as iterated; when there are more than
+        ``limit``, the ``limit`` most recently fetched, newest first.
 
         Lines and patterns that many policies share (``version: STSv1``, ``mode: enforce``,
         a provider's ``mx``) are interned, so a hundred thousand policies cost little more
@@ -276,13 +277,17 @@ class Store:
         """
         sql = (
             "SELECT domain, txt_id, mode, max_age, mx, lines, fetched_at, expires_at, refresh_at"
-            " FROM policies WHERE expires_at > ? ORDER BY fetched_at DESC"
+            " FROM policies WHERE expires_at > ?"
         )
-        params: tuple[float, ...] | tuple[float, int] = (now,)
-        if limit is not None:
-            sql += " LIMIT ?"
-            params = (now, limit)
+        params: tuple[float, ...] = (now,)
         try:
+            if limit is not None:
+                (count,) = self._db.execute(
+                    "SELECT count(*) FROM policies WHERE expires_at > ?", params
+                ).fetchone()
+                if count > limit:  # sorting them all costs a quarter of the read: only if needed
+                    sql += " ORDER BY fetched_at DESC LIMIT ?"
+                    params = (now, limit)
             for row in self._db.execute(sql, params):
                 yield self._row(row, intern=True)
         except sqlite3.Error as e:
