@@ -494,13 +494,12 @@ def _report(config: Config, args: argparse.Namespace) -> int:
         days = [args.day] if args.day else days_to_queue(store, now)
         read_through = log_read_through(store)
         ready = [d for d in days if day_ready(d, read_through)]  # the earliest days first
+        why = (  # for those whose lines are not all counted: a later run queues them
+            "no mail log has been read yet"
+            if read_through is None
+            else f"the mail log has been read through {iso_utc(read_through)} only"
+        )
         for waiting in days[len(ready) :]:
-            # Its lines are not all counted: a later run queues it.
-            why = (
-                "no mail log has been read yet"
-                if read_through is None
-                else f"the mail log has been read through {iso_utc(read_through)} only"
-            )
             print(f"{waiting}: not queued yet: {why}; a later run queues it")
         if args.day:
             built = [(d, *queue_day(store, config, d, now)) for d in ready]

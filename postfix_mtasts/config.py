@@ -99,12 +99,8 @@ class MetricsConfig:
         """``endpoint`` with ``interface=`` set to loopback when a ``tcp``/``tcp6`` one has
         none, by name or by position: metrics are not published beyond the host unless asked
         for.  ``endpoint`` is a valid one (:func:`_check_endpoint`)."""
-        args, kwargs = _split_endpoint(endpoint)
-        kind = args[0] if args else ""
-        if kind not in ("tcp", "tcp6"):
-            return endpoint
-        given = inspect.signature(_ENDPOINT_TYPES[kind]).bind(*args[1:], **kwargs).arguments
-        if "interface" in given:
+        kind, bound = _bind_endpoint(endpoint)
+        if kind not in ("tcp", "tcp6") or "interface" in bound.arguments:
             return endpoint
         return endpoint + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
 
@@ -605,6 +601,13 @@ def _check_endpoint(text: str) -> None:
     Only the types a socketmap server can use are accepted, and their arguments are checked
     without a reactor (a ``systemd:`` endpoint is not looked up in the inherited descriptors).
     """
+    kind, bound = _bind_endpoint(text)
+    _ENDPOINT_TYPES[kind](*bound.args, **bound.kwargs)
+
+
+def _bind_endpoint(text: str) -> tuple[str, inspect.BoundArguments]:
+    """The type of endpoint ``text`` and its arguments, bound to that type's checker;
+    ValueError with a short reason when they do not fit."""
     try:
         args, kwargs = _split_endpoint(text)
     except RuntimeError:  # a trailing backslash escapes nothing
@@ -616,10 +619,9 @@ def _check_endpoint(text: str) -> None:
     if check is None:
         raise ValueError(f"unknown endpoint type {kind!r} (use tcp, tcp6, unix or systemd)")
     try:
-        bound = inspect.signature(check).bind(*args[1:], **kwargs)
+        return kind, inspect.signature(check).bind(*args[1:], **kwargs)
     except TypeError as e:
         raise ValueError(f"{kind}: {e}") from None
-    check(*bound.args, **bound.kwargs)
 
 
 def _account(text: str) -> str:
