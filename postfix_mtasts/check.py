@@ -60,6 +60,7 @@ from postfix_mtasts.tlsrpt.record import (
     is_domain_name,
     parse_tlsrpt_records,
 )
+from postfix_mtasts.tlsrpt.show import printable
 
 __all__ = [
     "EXPIRY_WARNING_DAYS",
@@ -892,24 +893,17 @@ def render_text(result: CheckResult) -> str:
     for f in result.findings:
         if f.subject != subject:
             subject = f.subject
-            lines += ["", _printable(subject)]
-        lines.append(f"  {_MARKS[f.status]} {_printable(f.message)}")
+            lines += ["", printable(subject)]
+        lines.append(f"  {_MARKS[f.status]} {printable(f.message)}")
         if f.fix and f.status in (PROBLEM, WARNING):
-            lines.append(f"      fix: {_printable(f.fix)}")
+            lines.append(f"      fix: {printable(f.fix)}")
     problems, warnings = result.count(PROBLEM), result.count(WARNING)
     lines += [
         "",
         f"{problems} problem(s), {warnings} warning(s), {result.count(OK)} passed",
-        f"Verdict: {_printable(result.verdict.message)}",
+        f"Verdict: {printable(result.verdict.message)}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _printable(text: str) -> str:
-    """``text`` with each character that is not printable written as its Python escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def render_json(result: CheckResult) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "decode_report",
     "main",
     "parse_report",
+    "printable",
     "render_json",
     "render_text",
     "reports_in_message",
@@ -678,8 +679,9 @@ def summarise(collection: Collection) -> dict[str, Any]:
 # --- Text and JSON (pure) -------------------------------------------------------------------
 
 
-def _clean(text: str) -> str:
-    """Make untrusted text safe for a terminal: control and format characters escaped."""
+def printable(text: str) -> str:
+    """Make untrusted text safe for a terminal: each control and format character written as
+    its Python escape (``check`` uses it too)."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
@@ -716,11 +718,11 @@ def _rate(ok: int, bad: int) -> str:
 
 
 def _type_name(rtype: str | None) -> str:
-    return "(no details)" if rtype is None else _clean(rtype)
+    return "(no details)" if rtype is None else printable(rtype)
 
 
 def _domain_name(name: str) -> str:
-    return _clean(name) if name else "(not given)"
+    return printable(name) if name else "(not given)"
 
 
 def render_text(summary: Mapping[str, Any]) -> str:
@@ -740,12 +742,12 @@ def render_text(summary: Mapping[str, Any]) -> str:
         out += ["", *_sections(summary)]
     if summary["skipped"]:
         out += ["", f"Skipped inputs ({len(summary['skipped'])}):"]
-        out += [f"  {_clean(s['source'])}: {_clean(s['reason'])}" for s in summary["skipped"]]
+        out += [f"  {printable(s['source'])}: {printable(s['reason'])}" for s in summary["skipped"]]
     if summary["duplicates"]:
         out += ["", f"Seen again, counted once ({len(summary['duplicates'])}):"]
         out += [
-            f"  {_clean(d['source'])}: report-id {_clean(d['report-id'])}"
-            f" (first read from {_clean(d['first-source'])})"
+            f"  {printable(d['source'])}: report-id {printable(d['report-id'])}"
+            f" (first read from {printable(d['first-source'])})"
             for d in summary["duplicates"]
         ]
     return "\n".join(out) + "\n"
@@ -767,7 +769,7 @@ def _sections(summary: Mapping[str, Any]) -> list[str]:
         _table(
             ("Organization", "Reports", "Successful", "Failed", "Failed %"),
             [
-                [_clean(o["organization-name"]), str(o["reports"]), *_counts(o)]
+                [printable(o["organization-name"]), str(o["reports"]), *_counts(o)]
                 for o in summary["organizations"]
             ],
             4,
@@ -778,7 +780,7 @@ def _sections(summary: Mapping[str, Any]) -> list[str]:
                 [
                     _domain_name(d["policy-domain"]),
                     *_counts(d),
-                    _clean(", ".join(d["policy-types"])),
+                    printable(", ".join(d["policy-types"])),
                 ]
                 for d in summary["policy-domains"]
             ],
@@ -809,7 +811,7 @@ def _sections(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _cleaned(rows: list[list[str]]) -> list[list[str]]:
-    return [[_clean(cell) for cell in row] for row in rows]
+    return [[printable(cell) for cell in row] for row in rows]
 
 
 def render_json(summary: Mapping[str, Any]) -> str:
